@@ -1,0 +1,234 @@
+"""Local explanations ("this looks like that"): scoring sheets, activation maps, boxes.
+
+``PrototypeExplainer`` is built once around a model and called with a batch of
+preprocessed images; everything after the forward pass is vectorised over prototypes.
+Drawing and PNG encoding live in ``protopnet.visualize``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from protopnet.config import Preprocessing
+from protopnet.model import ProtoPNet
+from protopnet.preprocess import input_region
+
+PERCENTILE = 95.0
+
+
+# ---------------------------------------------------------------------------------------
+# Activation maps and boxes (the paper's section 2.3)
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic upsampling, (N, h, w) -> (N, H, W); matches OpenCV's INTER_CUBIC.
+
+    Both use the a = -0.75 cubic kernel with half-pixel centres and replicated borders.
+    """
+    if maps.shape[0] == 0:
+        return maps.new_zeros((0, *size))
+    out = F.interpolate(maps.unsqueeze(0).float(), size=size, mode="bicubic", align_corners=False)
+    return out.squeeze(0)
+
+
+def percentile_thresholds(maps: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
+    """Per-map q-th percentile with linear interpolation (numpy's default), (N, H, W) -> (N,).
+
+    Uses a partial top-k rather than a full sort: only the top (100 - q)% is ordered.
+    """
+    flat = maps.flatten(1)  # (N, n)
+    n = flat.shape[1]
+    pos = q / 100 * (n - 1)
+    lo = math.floor(pos)
+    frac = pos - lo
+    k = n - lo  # the values at sorted ranks lo .. n-1
+    top = flat.topk(k, dim=1, largest=True, sorted=True).values  # descending
+    v_lo = top[:, -1]
+    v_hi = top[:, -2] if k >= 2 else v_lo
+    return v_lo + frac * (v_hi - v_lo)
+
+
+def percentile_boxes(maps: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
+    """Smallest box holding every pixel >= the map's q-th percentile.
+
+    (N, H, W) -> (N, 4) int64 boxes (x0, y0, x1, y1), end exclusive. Several hot regions
+    give one enclosing box, as in the paper.
+    """
+    if maps.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.long)
+    thr = percentile_thresholds(maps, q)
+    mask = maps >= thr.view(-1, 1, 1)  # (N, H, W)
+    rows, cols = mask.any(dim=2), mask.any(dim=1)  # (N, H), (N, W)
+    H, W = rows.shape[1], cols.shape[1]
+    y0 = rows.float().argmax(dim=1)
+    y1 = H - rows.flip(1).float().argmax(dim=1)
+    x0 = cols.float().argmax(dim=1)
+    x1 = W - cols.flip(1).float().argmax(dim=1)
+    return torch.stack([x0, y0, x1, y1], dim=1).long()
+
+
+# ---------------------------------------------------------------------------------------
+# The explainer
+
+
+@dataclass
+class ImageExplanation:
+    """One image's explanation. Tensors live on the CPU.
+
+    Prototype-indexed tensors cover all P prototypes; map-indexed ones cover ``shown``.
+    """
+
+    logits: torch.Tensor  # (K,)
+    probabilities: torch.Tensor  # (K,)
+    top_classes: list[int]  # by logit, best first
+    similarities: torch.Tensor  # (P,) similarity at the closest patch
+    min_distances: torch.Tensor  # (P,)
+    latent_peaks: torch.Tensor  # (P, 2) (h, w) of the closest patch
+    weights: torch.Tensor  # (T, P) last-layer weights of the top classes
+    points: torch.Tensor  # (T, P) similarity x weight; rows sum to the top classes' logits
+    top_prototypes: list[int]  # most activated over all classes, best first
+    shown: list[int]  # prototypes whose maps were upsampled: top classes' own + top_prototypes
+    low_res_maps: torch.Tensor  # (N, H', W') similarity maps of ``shown``
+    maps: torch.Tensor  # (N, Hd, Wd) upsampled similarity maps in display pixels
+    boxes: torch.Tensor  # (N, 4) 95th-percentile boxes (x0, y0, x1, y1), original pixels
+    peaks: torch.Tensor  # (N, 2) (x, y) of each upsampled map's maximum, original pixels
+    image_size: tuple[int, int]  # (width, height) of the original image
+    display_size: tuple[int, int]  # (width, height) of ``maps``
+
+    @property
+    def scale(self) -> float:
+        """Original pixels per display pixel."""
+        return self.image_size[0] / self.display_size[0]
+
+    def map_index(self, prototype: int) -> int:
+        return self.shown.index(prototype)
+
+
+def display_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """Size at which maps are computed: the image's own, shrunk to ``max_side`` if larger."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    s = max_side / max(width, height)
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def place_maps(
+    low_res: torch.Tensor,
+    image_size: tuple[int, int],
+    disp: tuple[int, int],
+    prep: Preprocessing,
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Upsample latent maps onto the display canvas, following the preprocessing.
+
+    Returns the (N, Hd, Wd) canvas and the visible window (x0, y0, x1, y1) of the model's
+    input inside it: the whole canvas for "stretch", a centre square for "center_crop"
+    (zero outside it), the image part of the letterbox for "pad".
+    """
+    W, H = image_size
+    Wd, Hd = disp
+    sx, sy = Wd / W, Hd / H
+    rx0, ry0, rx1, ry1 = input_region(W, H, prep)
+    # The input square in display pixels (may extend past the canvas for "pad").
+    ax0, ay0 = round(rx0 * sx), round(ry0 * sy)
+    aw, ah = max(1, round((rx1 - rx0) * sx)), max(1, round((ry1 - ry0) * sy))
+    region = upsample_maps(low_res, (ah, aw))  # (N, ah, aw)
+    vx0, vy0 = max(ax0, 0), max(ay0, 0)
+    vx1, vy1 = min(ax0 + aw, Wd), min(ay0 + ah, Hd)
+    visible = region[:, vy0 - ay0 : vy1 - ay0, vx0 - ax0 : vx1 - ax0]
+    if (vx0, vy0, vx1, vy1) == (0, 0, Wd, Hd):
+        return visible.contiguous(), (0, 0, Wd, Hd)
+    canvas = low_res.new_zeros((low_res.shape[0], Hd, Wd))
+    canvas[:, vy0:vy1, vx0:vx1] = visible
+    return canvas, (vx0, vy0, vx1, vy1)
+
+
+class PrototypeExplainer:
+    """Scoring sheets, activation maps and 95th-percentile boxes for a ProtoPNet."""
+
+    def __init__(
+        self, model: ProtoPNet, preprocessing: Preprocessing, max_map_side: int | None = 512
+    ):
+        self.model = model
+        self.preprocessing = preprocessing
+        self.max_map_side = max_map_side
+
+    @torch.inference_mode()
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        image_sizes: list[tuple[int, int]],
+        top_classes: int = 3,
+        top_prototypes: int = 10,
+    ) -> list[ImageExplanation]:
+        """Explain a batch. inputs: (B, 3, S, S) preprocessed; image_sizes: (width, height)."""
+        if len(image_sizes) != inputs.shape[0]:
+            raise ValueError(f"{inputs.shape[0]} images but {len(image_sizes)} sizes")
+        out = self.model.forward_full(inputs)
+        sim_maps = self.model.similarity(out.distances).float().cpu()  # (B, P, H', W')
+        logits = out.logits.float().cpu()  # (B, K)
+        min_d = out.min_distances.float().cpu()  # (B, P)
+        w_last = self.model.last_layer.weight.detach().float().cpu()  # (K, P)
+        classes = self.model.prototype_classes.cpu()  # (P,)
+        Wl = sim_maps.shape[3]
+        T = min(top_classes, logits.shape[1])
+        N_top = min(top_prototypes, sim_maps.shape[1])
+
+        flat = sim_maps.flatten(2)  # (B, P, H'W')
+        sims, arg = flat.max(dim=2)  # (B, P)
+        peaks = torch.stack([arg // Wl, arg % Wl], dim=2)  # (B, P, 2)
+        probs = logits.softmax(dim=1)
+        results: list[ImageExplanation] = []
+        for b, size in enumerate(image_sizes):
+            tc = logits[b].topk(T).indices  # (T,)
+            weights = w_last[tc]  # (T, P)
+            points = weights * sims[b].unsqueeze(0)  # (T, P)
+            top_p = sims[b].topk(N_top).indices.tolist()
+            own = torch.nonzero(torch.isin(classes, tc)).flatten().tolist()
+            shown = list(dict.fromkeys([*top_p, *own]))
+            low = sim_maps[b, shown]  # (N, H', W')
+            disp = display_size(size[0], size[1], self.max_map_side)
+            maps, (vx0, vy0, vx1, vy1) = place_maps(low, size, disp, self.preprocessing)
+            visible = maps[:, vy0:vy1, vx0:vx1]
+            boxes = percentile_boxes(visible)  # in visible-window pixels
+            boxes[:, [0, 2]] += vx0
+            boxes[:, [1, 3]] += vy0
+            vis_w = vx1 - vx0
+            am = visible.flatten(1).argmax(dim=1)
+            peak_xy = torch.stack([am % vis_w + vx0, am // vis_w + vy0], dim=1).float()
+            sx, sy = size[0] / disp[0], size[1] / disp[1]
+            if (sx, sy) != (1.0, 1.0):  # display -> original pixels, boxes grown outward
+                boxes = torch.stack(
+                    [
+                        (boxes[:, 0] * sx).floor(),
+                        (boxes[:, 1] * sy).floor(),
+                        (boxes[:, 2] * sx).ceil().clamp(max=size[0]),
+                        (boxes[:, 3] * sy).ceil().clamp(max=size[1]),
+                    ],
+                    dim=1,
+                ).long()
+            peak_xy = ((peak_xy + 0.5) * torch.tensor([sx, sy])).floor().long()
+            results.append(
+                ImageExplanation(
+                    logits=logits[b],
+                    probabilities=probs[b],
+                    top_classes=tc.tolist(),
+                    similarities=sims[b],
+                    min_distances=min_d[b],
+                    latent_peaks=peaks[b],
+                    weights=weights,
+                    points=points,
+                    top_prototypes=top_p,
+                    shown=shown,
+                    low_res_maps=low,
+                    maps=maps,
+                    boxes=boxes,
+                    peaks=peak_xy,
+                    image_size=size,
+                    display_size=disp,
+                )
+            )
+        return results

@@ -1,0 +1,210 @@
+"""The ProtoPNet module: trunk f, add-on layers, prototype layer g_p, last layer h.
+
+Shapes: B images, C trunk channels, D prototype depth, P prototypes, K classes,
+(H, W) latent grid, (h1, w1) prototype size, (H', W') = (H - h1 + 1, W - w1 + 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protopnet.backbones import Trunk, create_backbone
+from protopnet.config import ProtoPNetConfig
+from protopnet.errors import ShapeError
+from protopnet.receptive_field import ReceptiveField, compute_receptive_field, layer_geometry
+
+
+def build_add_on_layers(in_channels: int, depth: int, kind: str) -> nn.Sequential:
+    """1x1 convs from C to D ending in a Sigmoid, so latent features lie in (0, 1).
+
+    "regular": conv C->D, ReLU, conv D->D, Sigmoid.
+    "bottleneck": halve the width block by block until it reaches D; each block is
+    conv, ReLU, conv, then ReLU (Sigmoid for the last block).
+    """
+    layers: list[nn.Module] = []
+    if kind == "regular":
+        layers = [
+            nn.Conv2d(in_channels, depth, 1),
+            nn.ReLU(),
+            nn.Conv2d(depth, depth, 1),
+            nn.Sigmoid(),
+        ]
+    elif kind == "bottleneck":
+        c_in = in_channels
+        while True:
+            c_out = max(depth, c_in // 2)
+            layers += [nn.Conv2d(c_in, c_out, 1), nn.ReLU(), nn.Conv2d(c_out, c_out, 1)]
+            if c_out == depth:
+                layers.append(nn.Sigmoid())
+                break
+            layers.append(nn.ReLU())
+            c_in = c_out
+    else:
+        raise ValueError(f"unknown add_on {kind!r}; valid: bottleneck, regular")
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
+def class_identity(classes: list[int], num_classes: int) -> torch.Tensor:
+    """One-hot (P, K) matrix: row j marks the class of prototype j."""
+    ident = torch.zeros(len(classes), num_classes)
+    ident[torch.arange(len(classes)), torch.tensor(classes, dtype=torch.long)] = 1.0
+    return ident
+
+
+def last_layer_init(identity: torch.Tensor, incorrect_strength: float = -0.5) -> torch.Tensor:
+    """(K, P) weights: 1 for a prototype's own class, ``incorrect_strength`` elsewhere."""
+    pos = identity.t()
+    return pos + incorrect_strength * (1 - pos)
+
+
+def l2_distances(z: torch.Tensor, prototypes: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance of every prototype to every h1 x w1 patch of z.
+
+    ||z - p||^2 = sum_patch(z^2) - 2 <z, p> + ||p||^2, each term a convolution.
+    z: (B, D, H, W); prototypes, ones: (P, D, h1, w1) -> (B, P, H', W'), clamped at 0.
+    """
+    z2_patch = F.conv2d(z * z, ones)  # (B, P, H', W'), all P channels equal
+    zp = F.conv2d(z, prototypes)  # (B, P, H', W')
+    p2 = (prototypes * prototypes).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)  # (1, P, 1, 1)
+    return F.relu(z2_patch - 2 * zp + p2)
+
+
+def distance_to_similarity(d: torch.Tensor, activation: str, epsilon: float = 1e-4) -> torch.Tensor:
+    """The paper's "log" activation log((d + 1) / (d + eps)), or "linear": -d."""
+    if activation == "log":
+        return torch.log((d + 1) / (d + epsilon))
+    if activation == "linear":
+        return -d
+    raise ValueError(f"unknown activation {activation!r}; valid: linear, log")
+
+
+@dataclass
+class ProtoPNetOutput:
+    """Everything one forward computes, for explanations and push."""
+
+    logits: torch.Tensor  # (B, K)
+    min_distances: torch.Tensor  # (B, P)
+    distances: torch.Tensor  # (B, P, H', W')
+    features: torch.Tensor  # (B, D, H, W), latent z
+
+    @property
+    def min_indices(self) -> torch.Tensor:
+        """(B, P) flat index into (H', W') of each prototype's closest patch."""
+        return self.distances.flatten(2).argmin(dim=2)
+
+
+class ProtoPNet(nn.Module):
+    def __init__(self, config: ProtoPNetConfig, trunk: Trunk):
+        super().__init__()
+        self.config = config
+        P, D = config.num_prototypes, config.prototype_depth
+        h1, w1 = config.prototype_size
+        self.features = trunk
+        self.add_on_layers = build_add_on_layers(trunk.out_channels, D, config.add_on)
+        self.prototype_vectors = nn.Parameter(torch.rand(P, D, h1, w1))
+        # A buffer rather than a frozen Parameter: same state_dict key as the reference.
+        self.register_buffer("ones", torch.ones(P, D, h1, w1))
+        ident = class_identity(config.classes_of_prototypes(), config.num_classes)
+        self.register_buffer("prototype_class_identity", ident, persistent=False)  # (P, K)
+        self.last_layer = nn.Linear(P, config.num_classes, bias=False)
+        with torch.no_grad():
+            self.last_layer.weight.copy_(last_layer_init(ident))
+
+    # -- shapes ---------------------------------------------------------------------
+    @property
+    def num_prototypes(self) -> int:
+        return int(self.prototype_vectors.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.last_layer.weight.shape[0])
+
+    @property
+    def prototype_classes(self) -> torch.Tensor:
+        """(P,) class index of each prototype."""
+        return self.prototype_class_identity.argmax(dim=1)
+
+    def receptive_field(self) -> ReceptiveField:
+        return compute_receptive_field(
+            layer_geometry(self.features), self.config.img_size, self.config.prototype_size[0]
+        )
+
+    # -- forward --------------------------------------------------------------------
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H_img, W_img) -> latent z (B, D, H, W) in (0, 1)."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ShapeError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        return self.add_on_layers(self.features(x))
+
+    def distances(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, P, H', W') squared L2 distances."""
+        return l2_distances(z, self.prototype_vectors, self.ones)
+
+    def similarity(self, d: torch.Tensor) -> torch.Tensor:
+        return distance_to_similarity(d, self.config.activation, self.config.epsilon)
+
+    def forward_full(self, x: torch.Tensor) -> ProtoPNetOutput:
+        """Logits plus the full distance maps (for explanations and push)."""
+        z = self.conv_features(x)
+        d = self.distances(z)  # (B, P, H', W')
+        min_d = d.flatten(2).amin(dim=2)  # (B, P)
+        logits = self.last_layer(self.similarity(min_d))  # (B, K)
+        return ProtoPNetOutput(logits=logits, min_distances=min_d, distances=d, features=z)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> logits (B, K), min distances (B, P)."""
+        out = self.forward_full(x)
+        return out.logits, out.min_distances
+
+    # -- editing --------------------------------------------------------------------
+    def prune_prototypes(self, indices: list[int]) -> None:
+        """Remove prototypes (and their last-layer columns) in place; updates config."""
+        drop = set(indices)
+        bad = [j for j in drop if not 0 <= j < self.num_prototypes]
+        if bad:
+            raise ValueError(f"prototype indices {bad[:5]} outside 0..{self.num_prototypes - 1}")
+        keep = [j for j in range(self.num_prototypes) if j not in drop]
+        if not keep:
+            raise ValueError("pruning would remove every prototype")
+        idx = torch.tensor(keep, dtype=torch.long, device=self.ones.device)
+        classes = [int(c) for c in self.prototype_classes[idx].tolist()]
+        self.prototype_vectors = nn.Parameter(self.prototype_vectors.data[idx].clone())
+        self.ones = self.ones[idx].clone()
+        self.prototype_class_identity = self.prototype_class_identity[idx].clone()
+        new_last = nn.Linear(len(keep), self.num_classes, bias=False).to(self.ones.device)
+        with torch.no_grad():
+            new_last.weight.copy_(self.last_layer.weight.data[:, idx])
+        self.last_layer = new_last
+        self.config = self.config.model_copy(update={"prototype_classes": tuple(classes)})
+
+
+def create_model(config: ProtoPNetConfig, weights: str | None = None) -> ProtoPNet:
+    """Build a ProtoPNet from its architecture config.
+
+    ``weights`` initialises the trunk only (None, "imagenet" or a local file); a whole
+    trained model loads through ``model.load_state_dict`` afterwards.
+    """
+    trunk = create_backbone(config.backbone, weights, config.img_size)
+    model = ProtoPNet(config, trunk)
+    grid = model.receptive_field().size  # H' after the trunk and the prototype window
+    h1, w1 = config.prototype_size
+    if grid < 1:
+        raise ShapeError(
+            f"{config.backbone} at {config.img_size} px gives a {grid} x {grid} grid, "
+            f"too small for {h1} x {w1} prototypes"
+        )
+    return model
+
+
+def max_similarity(activation: str, epsilon: float = 1e-4) -> float:
+    """Similarity at distance 0 (about 9.21 for "log")."""
+    return math.log(1 / epsilon) if activation == "log" else 0.0

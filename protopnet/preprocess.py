@@ -1,0 +1,94 @@
+"""Image -> input tensor, and the geometry that maps model input back to the image.
+
+The eval transform is built from the ``Preprocessing`` stored with a model, so training,
+push and the service all use one definition (never a second copy in the service).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from protopnet.config import Preprocessing
+
+
+def to_model_mode(img: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Any PIL mode -> RGB (greyscale models: L replicated to three channels)."""
+    if prep.grayscale:
+        return img.convert("L").convert("RGB")
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white rather than letting transparent pixels turn black.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale the full range down to 8 bits instead of clipping.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) if arr.size else 1.0
+        scale = 255.0 / (65535.0 if hi > 255 else 255.0)
+        return Image.fromarray((arr * scale).clip(0, 255).astype("uint8"), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_geometry(prep: Preprocessing) -> list[v2.Transform]:
+    """The deterministic resize/crop/pad steps of ``prep`` (PIL in, PIL out)."""
+    s = prep.img_size
+    if prep.resize == "stretch":
+        return [v2.Resize((s, s), antialias=True)]
+    if prep.resize == "center_crop":
+        return [v2.Resize(s, antialias=True), v2.CenterCrop(s)]
+    return [_PadToSquare(), v2.Resize((s, s), antialias=True)]
+
+
+class _PadToSquare(v2.Transform):
+    """Letterbox: pad the short side with black, image centred."""
+
+    def transform(self, inpt, params):  # type: ignore[no-untyped-def]
+        if not isinstance(inpt, Image.Image):
+            return inpt
+        w, h = inpt.size
+        side = max(w, h)
+        canvas = Image.new(inpt.mode, (side, side))
+        canvas.paste(inpt, ((side - w) // 2, (side - h) // 2))
+        return canvas
+
+
+def normalize_steps(prep: Preprocessing) -> list[v2.Transform]:
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(prep.mean), std=list(prep.std)),
+    ]
+
+
+def eval_transform(prep: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image (any mode) -> (3, S, S) float tensor, exactly as the model was trained."""
+    pipeline = v2.Compose([*resize_geometry(prep), *normalize_steps(prep)])
+
+    def apply(img: Image.Image) -> torch.Tensor:
+        return pipeline(to_model_mode(img, prep))
+
+    return apply
+
+
+def input_region(width: int, height: int, prep: Preprocessing) -> tuple[float, float, float, float]:
+    """Where the model's input square lies in the original image: (x0, y0, x1, y1).
+
+    "stretch" covers the whole image; "center_crop" a central square inside it;
+    "pad" a square larger than the image (it extends past the short side).
+    """
+    if prep.resize == "stretch":
+        return 0.0, 0.0, float(width), float(height)
+    side = min(width, height) if prep.resize == "center_crop" else max(width, height)
+    if prep.resize == "pad":  # _PadToSquare pastes at integer offsets
+        x0, y0 = -float((side - width) // 2), -float((side - height) // 2)
+    else:  # CenterCrop rounds its offset after resizing: within half a pixel of this
+        x0, y0 = (width - side) / 2, (height - side) / 2
+    return x0, y0, x0 + side, y0 + side
