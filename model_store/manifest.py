@@ -1,0 +1,65 @@
+"""The artifact's manifest: a versioned pydantic schema, stored as manifest.json.
+
+A published version is a folder that never changes again:
+
+    manifest.json              this schema
+    weights.safetensors        the state_dict, reference key names
+    prototypes/activations.safetensors   raw low-resolution self-activation maps (P, H', W')
+    prototypes/<j>_patch.png   the prototype's box crop of its source image
+    prototypes/<j>_source.png  the source image with the box drawn
+    prototypes/<j>_activation.png  the self-activation overlay on the source image
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protopnet.config import Preprocessing, ProtoPNetConfig
+
+SCHEMA_VERSION = 1
+
+
+class PrototypeRecord(BaseModel):
+    """One prototype's provenance, as recorded at push (or at an import's visualisation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int  # column in the last layer / row in prototype_vectors
+    class_index: int
+    source_image_id: str | None = None  # dataset id (e.g. CUB image id or file name)
+    source_path: str | None = None  # path as recorded at push, relative to the data root
+    source_size: tuple[int, int] | None = None  # (width, height) of the source image
+    patch_hw: tuple[int, int] | None = None  # latent cell (h, w) of the nearest patch
+    distance: float | None = None  # squared L2 at push
+    box: tuple[int, int, int, int] | None = None  # 95th-pct box (x0, y0, x1, y1), source px
+    pruned: bool = False
+    has_images: bool = False  # prototypes/<j>_*.png present
+
+
+class Metrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    baseline_gap_points: float | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: str
+    architecture: ProtoPNetConfig
+    preprocessing: Preprocessing
+    class_names: list[str]
+    prototypes: list[PrototypeRecord]
+    training_config: dict[str, Any] = Field(default_factory=dict)
+    metrics: Metrics = Field(default_factory=Metrics)
+    code_version: str = "unknown"
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    source: Literal["training", "import-reference"] = "training"
+    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256 hex
