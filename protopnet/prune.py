@@ -16,3 +16,21 @@ def prototypes_to_prune(
     """
     own = (nearest_labels == prototype_classes.view(-1, 1)).sum(dim=1)  # (P,)
     return torch.nonzero(own < tau).flatten().tolist()
+
+
+class KNearestImages:
+    """Streaming k nearest training images per prototype (one patch per image, any class)."""
+
+    def __init__(self, num_prototypes: int, k: int = 6):
+        self.k = k
+        self.distance = torch.full((num_prototypes, 0), float("inf"))  # (P, <=k)
+        self.labels = torch.zeros((num_prototypes, 0), dtype=torch.long)  # (P, <=k)
+
+    @torch.no_grad()
+    def update(self, min_distances: torch.Tensor, labels: torch.Tensor) -> None:
+        """min_distances (B, P): each image's closest-patch distance; labels (B,)."""
+        d = torch.cat([self.distance, min_distances.float().cpu().t()], dim=1)  # (P, k + B)
+        lab = torch.cat([self.labels, labels.cpu().view(1, -1).expand(d.shape[0], -1)], dim=1)
+        k = min(self.k, d.shape[1])
+        self.distance, idx = d.topk(k, dim=1, largest=False)
+        self.labels = lab.gather(1, idx)
