@@ -18,6 +18,7 @@ class NearestPatches:
     image_index: torch.Tensor  # (P,) int64 dataset index of the source image; -1 if none
     patch_hw: torch.Tensor  # (P, 2) int64 latent cell (h, w) of the patch's top-left
     vector: torch.Tensor  # (P, D, h1, w1) the latent patch itself
+    distance_map: torch.Tensor  # (P, H', W') prototype j's distances over its source image
 
     def missing(self) -> list[int]:
         """Prototypes that found no eligible patch (e.g. a class with no image)."""
@@ -39,15 +40,20 @@ class NearestPatchSearch:
     ):
         P = prototype_classes.shape[0]
         D, h1, w1 = prototype_shape
-        dev = prototype_classes.device
         self.classes = prototype_classes  # (P,)
         self.class_specific = class_specific
         self.h1, self.w1 = h1, w1
-        self.best = NearestPatches(
+        self.P, self.D = P, D
+        self.best: NearestPatches | None = None
+
+    def _init(self, Hp: int, Wp: int, dev: torch.device) -> NearestPatches:
+        P, D, h1, w1 = self.P, self.D, self.h1, self.w1
+        return NearestPatches(
             distance=torch.full((P,), float("inf"), device=dev),
             image_index=torch.full((P,), -1, dtype=torch.long, device=dev),
             patch_hw=torch.zeros((P, 2), dtype=torch.long, device=dev),
             vector=torch.zeros((P, D, h1, w1), device=dev),
+            distance_map=torch.full((P, Hp, Wp), float("inf"), device=dev),
         )
 
     @torch.no_grad()
@@ -60,6 +66,8 @@ class NearestPatchSearch:
     ) -> None:
         """distances (B, P, H', W'), features (B, D, H, W), labels (B,), image_indices (B,)."""
         B, P, Hp, Wp = distances.shape
+        if self.best is None:
+            self.best = self._init(Hp, Wp, distances.device)
         d = distances.float()
         if self.class_specific:
             eligible = labels.view(B, 1) == self.classes.view(1, P)  # (B, P)
@@ -85,6 +93,9 @@ class NearestPatchSearch:
         self.best.image_index[j] = image_indices.to(d.device)[b]
         self.best.patch_hw[j] = torch.stack([h, w], dim=1)
         self.best.vector[j] = patch.float()
+        self.best.distance_map[j] = distances[b, j].float()
 
     def result(self) -> NearestPatches:
+        if self.best is None:
+            raise ValueError("push saw no images: the dataset is empty")
         return self.best
