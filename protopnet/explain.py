@@ -171,6 +171,26 @@ class PrototypeExplainer:
         sim_maps = self.model.similarity(out.distances).float().cpu()  # (B, P, H', W')
         logits = out.logits.float().cpu()  # (B, K)
         min_d = out.min_distances.float().cpu()  # (B, P)
+        return self.explain_maps(sim_maps, logits, min_d, image_sizes, top_classes, top_prototypes)
+
+    @torch.inference_mode()
+    def explain_maps(
+        self,
+        sim_maps: torch.Tensor,
+        logits: torch.Tensor,
+        min_d: torch.Tensor,
+        image_sizes: list[tuple[int, int]],
+        top_classes: int = 3,
+        top_prototypes: int = 10,
+    ) -> list[ImageExplanation]:
+        """Everything after the forward pass, from its outputs: (B, P, H', W') similarity
+        maps, (B, K) logits and (B, P) min distances, all on the CPU.
+
+        Split from ``attribute`` so a server can batch the forward on the model's thread
+        and run this part (upsampling, boxes) elsewhere without holding the model.
+        """
+        if len(image_sizes) != sim_maps.shape[0]:
+            raise ValueError(f"{sim_maps.shape[0]} maps but {len(image_sizes)} sizes")
         w_last = self.model.last_layer.weight.detach().float().cpu()  # (K, P)
         classes = self.model.prototype_classes.cpu()  # (P,)
         Wl = sim_maps.shape[3]
