@@ -195,11 +195,12 @@ def create_model(config: ProtoPNetConfig, weights: str | None = None) -> ProtoPN
     """
     trunk = create_backbone(config.backbone, weights, config.img_size)
     model = ProtoPNet(config, trunk)
-    grid = model.receptive_field().size  # H' after the trunk and the prototype window
+    # Latent grid side H = W before the prototype window; both h1 and w1 must fit in it.
+    grid = compute_receptive_field(layer_geometry(trunk), config.img_size, 1).size
     h1, w1 = config.prototype_size
-    if grid < 1:
+    if grid < max(h1, w1):
         raise ShapeError(
-            f"{config.backbone} at {config.img_size} px gives a {grid} x {grid} grid, "
+            f"{config.backbone} at {config.img_size} px gives a {grid} x {grid} latent grid, "
             f"too small for {h1} x {w1} prototypes"
         )
     return model
