@@ -17,7 +17,7 @@ from protopnet.config import Preprocessing
 
 def to_model_mode(img: Image.Image, prep: Preprocessing) -> Image.Image:
     """Any PIL mode -> RGB (greyscale models: L replicated to three channels)."""
-    if prep.grayscale:
+    if prep.grayscale and img.mode not in ("I;16", "I;16B", "I;16L", "I"):
         return img.convert("L").convert("RGB")
     if img.mode == "RGB":
         return img
