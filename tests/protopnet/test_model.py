@@ -71,7 +71,7 @@ def test_similarity_log_and_linear_match_the_formulas() -> None:
     # Monotone decreasing in the distance and bounded by the value at 0.
     assert bool((log_sim[1:] < log_sim[:-1]).all())
     assert float(log_sim.max()) == pytest.approx(9.2103, abs=1e-4)
-    with pytest.raises(ValueError, match="cosine.*valid: linear, log"):
+    with pytest.raises(ValueError, match=r"cosine.*valid: linear, log"):
         distance_to_similarity(d, "cosine")
 
 
