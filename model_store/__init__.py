@@ -1,0 +1,42 @@
+"""The model store: versioned, verifiable ProtoPNet artifacts between training and serving.
+
+store = ModelStore(root)                 # None -> $PROTOPNET_STORE, else ./store
+store.publish(name, model, preprocessing, class_names, prototypes, ...)
+loaded = store.load("name@production")   # verified, eval mode, CPU
+"""
+
+from model_store.errors import (
+    IntegrityError,
+    InvalidNameError,
+    PublishError,
+    StoreError,
+    UnsafePickleError,
+    VersionExistsError,
+)
+from model_store.manifest import Manifest, Metrics, PrototypeRecord
+from model_store.store import (
+    IMAGE_KINDS,
+    LoadedModel,
+    ModelEntry,
+    ModelStore,
+    PrototypeVisuals,
+    prototype_image_path,
+)
+
+__all__ = [
+    "IMAGE_KINDS",
+    "IntegrityError",
+    "InvalidNameError",
+    "LoadedModel",
+    "Manifest",
+    "Metrics",
+    "ModelEntry",
+    "ModelStore",
+    "PrototypeRecord",
+    "PrototypeVisuals",
+    "PublishError",
+    "StoreError",
+    "UnsafePickleError",
+    "VersionExistsError",
+    "prototype_image_path",
+]

@@ -13,13 +13,13 @@ A published version is a folder that never changes again:
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from protopnet.config import Preprocessing, ProtoPNetConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 
 class PrototypeRecord(BaseModel):

@@ -1,0 +1,679 @@
+"""The registry of published versions: publish, load, resolve, list, verify, promote, remove.
+
+Layout under the store root::
+
+    <name>/<version>/           one published version (see model_store.manifest); never
+                                changed after it appears
+    <name>/registry.json        {"aliases": {alias: version}, "highest_version": n}
+    <name>/.lock                taken (flock) while versions or aliases change
+    <name>/.publish-*/          a publish in progress (or one that crashed); never read
+
+A publish writes everything into a hidden temporary folder and renames it into place,
+so a reader sees a whole version or none. Version numbers and aliases change under
+an exclusive lock on ``<name>/.lock``, so concurrent publishers (threads or processes)
+get distinct versions. Loading checks every file's SHA-256 and never unpickles.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from model_store.errors import (
+    IntegrityError,
+    InvalidNameError,
+    PublishError,
+    StoreError,
+    VersionExistsError,
+)
+from model_store.integrity import (
+    MANIFEST,
+    MANIFEST_HASH,
+    check_files,
+    manifest_hash_line,
+    read_manifest,
+    read_verified,
+    sha256_bytes,
+)
+from model_store.manifest import Manifest, Metrics, PrototypeRecord
+from protopnet.config import Preprocessing
+from protopnet.errors import UnknownNameError, WeightsError
+from protopnet.model import ProtoPNet, create_model
+from protopnet.visualize import encode_png
+
+WEIGHTS = "weights.safetensors"
+ACTIVATIONS = "prototypes/activations.safetensors"
+ACTIVATIONS_KEY = "maps"
+IMAGE_KINDS = ("patch", "source", "activation")
+ImageKind = Literal["patch", "source", "activation"]
+DEFAULT_ALIAS = "latest"
+REGISTRY = "registry.json"
+_TMP_PREFIX = ".publish-"
+_STALE_SECONDS = 24 * 3600  # a temp folder of a live process older than this is abandoned
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def prototype_image_path(index: int, kind: str) -> str:
+    """Relative path of prototype ``index``'s image of ``kind`` inside a version folder."""
+    return f"prototypes/{index}_{kind}.png"
+
+
+def check_name(kind: str, value: str) -> str:
+    """Model, version and alias names become folder names: keep them plain."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise InvalidNameError(
+            f"invalid {kind} name {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def version_sort_key(version: str) -> tuple[int, int, str]:
+    """Numeric versions in numeric order, then any named versions alphabetically."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+@dataclass
+class PrototypeVisuals:
+    """One prototype's pictures, all uint8 RGB (H, W, 3) arrays."""
+
+    patch: np.ndarray  # the 95th-percentile box cropped from the source image
+    source: np.ndarray  # the source image with the box drawn
+    activation: np.ndarray  # the self-activation heatmap overlaid on the source image
+
+
+@dataclass
+class ModelEntry:
+    """One model name in the store: its versions (oldest first) and aliases."""
+
+    name: str
+    versions: list[str]
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> version
+
+
+@dataclass
+class LoadedModel:
+    """A verified version, with its model rebuilt and ready for inference."""
+
+    manifest: Manifest
+    model: ProtoPNet  # eval mode, CPU, weights loaded strictly
+    path: Path  # the version folder
+    manifest_sha256: str  # identifies this exact version (cache keys, ETags)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.manifest.name}@{self.manifest.version}"
+
+    def _image_rel(self, j: int, kind: str) -> str | None:
+        if kind not in IMAGE_KINDS:
+            raise UnknownNameError("prototype image kind", str(kind), IMAGE_KINDS)
+        P = len(self.manifest.prototypes)
+        if not isinstance(j, int) or not 0 <= j < P:
+            raise UnknownNameError("prototype", str(j), [f"0..{P - 1}"])
+        rel = prototype_image_path(j, kind)
+        return rel if rel in self.manifest.files else None
+
+    def prototype_image(self, j: int, kind: ImageKind) -> Path | None:
+        """Path of prototype j's PNG of ``kind``; None when the version has no such image."""
+        rel = self._image_rel(j, kind)
+        return None if rel is None else self.path / rel
+
+    def prototype_image_bytes(self, j: int, kind: ImageKind) -> bytes | None:
+        """Prototype j's PNG bytes, re-checked against the manifest's hash; None if absent."""
+        rel = self._image_rel(j, kind)
+        return None if rel is None else read_verified(self.path, self.manifest, rel)
+
+    def activation_maps(self) -> torch.Tensor | None:
+        """(P, H', W') self-activation similarity maps, or None when not published."""
+        if ACTIVATIONS not in self.manifest.files:
+            return None
+        data = read_verified(self.path, self.manifest, ACTIVATIONS)
+        return load_safetensors(data)[ACTIVATIONS_KEY]
+
+
+# ---------------------------------------------------------------------------------------
+# Small file-system helpers
+
+
+def _write(path: Path, data: bytes) -> str:
+    """Write and flush ``data`` to disk; returns its SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return sha256_bytes(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    _write(tmp, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the checkout it runs from, when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("protopnet-service")
+    except PackageNotFoundError:
+        v = "0+unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return v
+    return f"{v}+g{sha}" if sha else v
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_image(j: int, kind: str, arr: Any) -> np.ndarray:
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
+        got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise PublishError(f"visuals[{j}].{kind} must be a uint8 numpy array, got {got}")
+    if not (arr.ndim == 3 and arr.shape[2] == 3 and arr.shape[0] > 0 and arr.shape[1] > 0):
+        raise PublishError(
+            f"visuals[{j}].{kind} must be an RGB image of shape (H, W, 3), got {arr.shape}"
+        )
+    return arr
+
+
+# ---------------------------------------------------------------------------------------
+# The store
+
+
+class ModelStore:
+    """A directory of published ProtoPNet versions and the aliases that point at them."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        if root is None:
+            root = os.environ.get("PROTOPNET_STORE") or "store"
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"ModelStore({str(self.root)!r})"
+
+    # -- reading the registry -----------------------------------------------------------
+    def names(self) -> builtins.list[str]:
+        """Every model name with at least one published version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._versions(p.name))
+
+    def _versions(self, name: str) -> builtins.list[str]:
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        found = [
+            p.name
+            for p in d.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_HASH).exists()
+        ]
+        return sorted(found, key=version_sort_key)
+
+    def _registry(self, name: str) -> dict[str, Any]:
+        path = self.root / name / REGISTRY
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {"aliases": {}, "highest_version": 0}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise IntegrityError(str(path), "is not valid JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("aliases"), dict):
+            raise IntegrityError(str(path), "expected {'aliases': {...}, 'highest_version': n}")
+        return data
+
+    def versions(self, name: str) -> builtins.list[str]:
+        """Published versions of ``name``, oldest first."""
+        versions = self._versions(check_name("model", name))
+        if not versions:
+            raise UnknownNameError("model", name, self.names())
+        return versions
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """alias -> version for ``name``."""
+        self.versions(name)
+        return dict(self._registry(name)["aliases"])
+
+    def list(self) -> builtins.list[ModelEntry]:
+        """Every model name with its versions and aliases."""
+        out = []
+        for name in self.names():
+            out.append(
+                ModelEntry(name, self._versions(name), dict(self._registry(name)["aliases"]))
+            )
+        return out
+
+    @staticmethod
+    def parse_ref(ref: str) -> tuple[str, str | None]:
+        """ "name" -> (name, None); "name@x" -> (name, x)."""
+        if not isinstance(ref, str) or not ref:
+            raise InvalidNameError(f"invalid model reference {ref!r}: use name or name@version")
+        name, sep, rest = ref.partition("@")
+        if sep and not rest:
+            raise InvalidNameError(
+                f"invalid model reference {ref!r}: nothing after '@' (use name@version "
+                "or name@alias)"
+            )
+        return name, (rest if sep else None)
+
+    def resolve(self, ref: str) -> tuple[str, str]:
+        """ "name", "name@<version>" or "name@<alias>" -> (name, version).
+
+        A bare name means ``name@latest``; without a "latest" alias, the newest version.
+        """
+        name, tag = self.parse_ref(ref)
+        if not _NAME_RE.match(name):
+            raise UnknownNameError("model", name, self.names())
+        versions = self.versions(name)
+        aliases = self._registry(name)["aliases"]
+        if tag is None:
+            tag = DEFAULT_ALIAS if DEFAULT_ALIAS in aliases else versions[-1]
+        if tag in versions:
+            return name, tag
+        if tag in aliases:
+            target = str(aliases[tag])
+            if target not in versions:
+                raise UnknownNameError("version", f"{target} (alias {tag!r} of {name})", versions)
+            return name, target
+        kind = "version" if tag.isdigit() else "alias"
+        raise UnknownNameError(kind, tag, [*versions, *aliases])
+
+    def path(self, ref: str) -> Path:
+        """The version folder that ``ref`` resolves to."""
+        name, version = self.resolve(ref)
+        return self.root / name / version
+
+    # -- load and verify ---------------------------------------------------------------
+    def _open(self, ref: str, skip: Sequence[str] = ()) -> tuple[Path, Manifest, str]:
+        name, version = self.resolve(ref)
+        folder = self.root / name / version
+        manifest, digest = read_manifest(folder)
+        if (manifest.name, manifest.version) != (name, version):
+            raise IntegrityError(
+                str(folder / MANIFEST),
+                f"describes {manifest.name}@{manifest.version} but lies in {name}/{version}",
+            )
+        check_files(folder, manifest, skip=skip)
+        return folder, manifest, digest
+
+    def verify(self, ref: str) -> Manifest:
+        """Check every file of a version; raises IntegrityError naming the first bad one."""
+        return self._open(ref)[1]
+
+    def manifest(self, ref: str) -> Manifest:
+        """The manifest of a version, checked against manifest.sha256 (files not hashed)."""
+        name, version = self.resolve(ref)
+        return read_manifest(self.root / name / version)[0]
+
+    def load(self, ref: str) -> LoadedModel:
+        """Verify a version and rebuild its model (eval mode, CPU, strict weights)."""
+        folder, manifest, digest = self._open(ref, skip=(WEIGHTS,))
+        # Hash the very bytes that are deserialised, so nothing changes in between.
+        raw = read_verified(folder, manifest, WEIGHTS)
+        try:
+            state = load_safetensors(raw)
+        except Exception as exc:  # a hash match with unreadable content: a publish bug
+            raise IntegrityError(str(folder / WEIGHTS), f"unreadable safetensors: {exc}") from exc
+        model = create_model(manifest.architecture)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"{folder / WEIGHTS} does not fit the manifest's architecture: {exc}"
+            ) from exc
+        model.eval()
+        return LoadedModel(manifest=manifest, model=model, path=folder, manifest_sha256=digest)
+
+    # -- writing -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / ".lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield d
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _clean_abandoned(self, d: Path) -> None:
+        """Remove temp folders of publishes whose process died (or that are very old)."""
+        host = socket.gethostname()
+        for p in d.glob(f"{_TMP_PREFIX}*"):
+            parts = p.name[len(_TMP_PREFIX) :].split("~")
+            pid_ok = len(parts) == 3 and parts[1].isdigit()
+            dead = pid_ok and parts[0] == host and not _pid_alive(int(parts[1]))
+            try:
+                old = time.time() - p.stat().st_mtime > _STALE_SECONDS
+            except FileNotFoundError:
+                continue
+            if dead or old:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def publish(
+        self,
+        name: str,
+        model: ProtoPNet,
+        preprocessing: Preprocessing,
+        class_names: builtins.list[str],
+        prototypes: builtins.list[PrototypeRecord],
+        visuals: Mapping[int, PrototypeVisuals] | None = None,
+        activation_maps: torch.Tensor | None = None,
+        training_config: dict[str, Any] | None = None,
+        metrics: Metrics | dict[str, Any] | None = None,
+        aliases: Sequence[str] = (DEFAULT_ALIAS,),
+        source: Literal["training", "import-reference"] = "training",
+        version: str | None = None,
+    ) -> Manifest:
+        """Write a new immutable version of ``name`` and point ``aliases`` at it.
+
+        ``version=None`` takes the next number ("1", "2", ...). Inputs are checked
+        against each other before anything is written; the folder appears atomically.
+        """
+        check_name("model", name)
+        if version is not None:
+            check_name("version", version)
+        alias_list = list(dict.fromkeys(aliases))
+        for a in alias_list:
+            self._check_alias_name(a)
+        if version is not None and version in alias_list:
+            raise InvalidNameError(f"version {version!r} cannot also be one of its aliases")
+        visuals = dict(visuals or {})
+        self._check_inputs(model, preprocessing, class_names, prototypes, visuals, activation_maps)
+        if isinstance(metrics, dict):
+            metrics = Metrics.model_validate(metrics)
+        training_config = dict(training_config or {})
+        try:
+            json.dumps(training_config, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise PublishError(f"training_config must be plain JSON data: {exc}") from None
+
+        records = [
+            r.model_copy(update={"has_images": r.index in visuals}) for r in prototypes
+        ]  # the store, not the caller, says which images exist
+
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f"{_TMP_PREFIX}{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            files: dict[str, str] = {}
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            files[WEIGHTS] = _write(
+                tmp / WEIGHTS, save_safetensors(state, metadata={"format": "pt"})
+            )
+            if activation_maps is not None:
+                maps = activation_maps.detach().float().cpu().contiguous()  # (P, H', W')
+                files[ACTIVATIONS] = _write(
+                    tmp / ACTIVATIONS, save_safetensors({ACTIVATIONS_KEY: maps})
+                )
+            files.update(self._write_images(tmp, visuals))
+            if (tmp / "prototypes").is_dir():
+                _fsync_dir(tmp / "prototypes")
+
+            with self._locked(name):
+                self._clean_abandoned(d)
+                registry = self._registry(name)
+                existing = self._versions(name)
+                clash = [a for a in alias_list if a in existing]
+                if clash:
+                    raise InvalidNameError(
+                        f"alias {clash[0]!r} is already a version of {name}; "
+                        "aliases and versions share one namespace"
+                    )
+                if version is None:
+                    numbers = [int(v) for v in existing if v.isdigit()]
+                    highest = max([int(registry.get("highest_version", 0)), *numbers, 0])
+                    chosen = str(highest + 1)
+                else:
+                    if version in existing:
+                        raise VersionExistsError(
+                            f"{name}@{version} already exists; versions never change "
+                            f"(existing: {', '.join(existing)})"
+                        )
+                    if version in registry["aliases"]:
+                        raise InvalidNameError(
+                            f"{version!r} is already an alias of {name}; pick another version"
+                        )
+                    chosen = version
+                manifest = Manifest(
+                    name=name,
+                    version=chosen,
+                    architecture=model.config,
+                    preprocessing=preprocessing,
+                    class_names=list(class_names),
+                    prototypes=records,
+                    training_config=training_config,
+                    metrics=metrics or Metrics(),
+                    code_version=code_version(),
+                    source=source,
+                    files=dict(sorted(files.items())),
+                )
+                raw = manifest.model_dump_json(indent=2).encode()
+                _write(tmp / MANIFEST, raw)
+                _write(tmp / MANIFEST_HASH, manifest_hash_line(sha256_bytes(raw)).encode())
+                _fsync_dir(tmp)
+                # rename(2) of a directory fails if the target exists and is not empty, and
+                # every version folder holds files: the lock plus this keep versions unique.
+                os.rename(tmp, d / chosen)
+                _fsync_dir(d)
+                if chosen.isdigit():
+                    registry["highest_version"] = max(
+                        int(registry.get("highest_version", 0)), int(chosen)
+                    )
+                for a in alias_list:
+                    registry["aliases"][a] = chosen
+                _write_json_atomic(d / REGISTRY, registry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    @staticmethod
+    def _check_alias_name(alias: str) -> None:
+        check_name("alias", alias)
+        if alias.isdigit():
+            raise InvalidNameError(
+                f"invalid alias name {alias!r}: all-digit names are reserved for versions"
+            )
+
+    @staticmethod
+    def _check_inputs(
+        model: ProtoPNet,
+        preprocessing: Preprocessing,
+        class_names: builtins.list[str],
+        prototypes: builtins.list[PrototypeRecord],
+        visuals: dict[int, PrototypeVisuals],
+        activation_maps: torch.Tensor | None,
+    ) -> None:
+        config = model.config
+        P, K = model.num_prototypes, model.num_classes
+        if config.num_prototypes != P or config.num_classes != K:
+            raise PublishError(
+                f"model.config says {config.num_prototypes} prototypes and "
+                f"{config.num_classes} classes but the model has {P} and {K}"
+            )
+        if preprocessing.img_size != config.img_size:
+            raise PublishError(
+                f"preprocessing.img_size {preprocessing.img_size} differs from the "
+                f"architecture's img_size {config.img_size}"
+            )
+        if len(class_names) != K:
+            raise PublishError(f"{len(class_names)} class names for a model with {K} classes")
+        if len(set(class_names)) != len(class_names):
+            dup = sorted({c for c in class_names if class_names.count(c) > 1})
+            raise PublishError(f"class names must be unique; repeated: {dup[:5]}")
+        if len(prototypes) != P:
+            raise PublishError(f"{len(prototypes)} prototype records for {P} prototypes")
+        classes = config.classes_of_prototypes()
+        for row, rec in enumerate(prototypes):
+            if rec.index != row:
+                raise PublishError(f"prototype record at row {row} has index {rec.index}")
+            if rec.class_index != classes[row]:
+                raise PublishError(
+                    f"prototype {row} is recorded with class {rec.class_index} but the "
+                    f"model assigns it class {classes[row]}"
+                )
+        bad = sorted(j for j in visuals if not (isinstance(j, int) and 0 <= j < P))
+        if bad:
+            raise PublishError(f"visuals for prototypes {bad[:5]} outside 0..{P - 1}")
+        for j, vis in visuals.items():
+            for kind in IMAGE_KINDS:
+                _check_image(j, kind, getattr(vis, kind, None))
+        if activation_maps is not None:
+            shape = tuple(activation_maps.shape)
+            if activation_maps.dim() != 3 or shape[0] != P:
+                raise PublishError(f"activation_maps must be (P={P}, H', W'), got {shape}")
+
+    @staticmethod
+    def _write_images(tmp: Path, visuals: dict[int, PrototypeVisuals]) -> dict[str, str]:
+        """Encode and write every PNG; OpenCV's encoder releases the GIL, so use threads."""
+        (tmp / "prototypes").mkdir(exist_ok=True)
+        jobs = [(j, kind) for j in sorted(visuals) for kind in IMAGE_KINDS]
+
+        def one(job: tuple[int, str]) -> tuple[str, str]:
+            j, kind = job
+            rel = prototype_image_path(j, kind)
+            return rel, _write(tmp / rel, encode_png(getattr(visuals[j], kind)))
+
+        if not jobs:
+            return {}
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return dict(pool.map(one, jobs))
+
+    # -- aliases and removal ------------------------------------------------------------
+    def promote(self, name: str, target: str, alias: str) -> str:
+        """Point ``alias`` of ``name`` at ``target`` (a version or another alias).
+
+        Creates the alias or moves it; returns the version it now points at.
+        """
+        self._check_alias_name(alias)
+        _, version = self.resolve(f"{name}@{target}")
+        with self._locked(name) as d:
+            if alias in self._versions(name):
+                raise InvalidNameError(
+                    f"{alias!r} is a version of {name}; an alias cannot shadow a version"
+                )
+            if version not in self._versions(name):  # removed meanwhile
+                raise UnknownNameError("version", version, self._versions(name))
+            registry = self._registry(name)
+            registry["aliases"][alias] = version
+            _write_json_atomic(d / REGISTRY, registry)
+        return version
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        """Delete an alias (the version stays)."""
+        aliases = self.aliases(name)
+        if alias not in aliases:
+            raise UnknownNameError("alias", alias, aliases)
+        with self._locked(name) as d:
+            registry = self._registry(name)
+            registry["aliases"].pop(alias, None)
+            _write_json_atomic(d / REGISTRY, registry)
+
+    def remove(self, name: str, version: str, force: bool = False) -> builtins.list[str]:
+        """Delete one version. Returns the aliases that were moved or dropped.
+
+        "latest" moves to the newest remaining version. Any other alias pointing at the
+        version makes this refuse unless ``force`` (then those aliases are dropped).
+        """
+        versions = self.versions(name)
+        if version not in versions:
+            raise UnknownNameError("version", version, versions)
+        with self._locked(name) as d:
+            registry = self._registry(name)
+            aliases: dict[str, str] = registry["aliases"]
+            pointing = sorted(a for a, v in aliases.items() if v == version)
+            pinned = [a for a in pointing if a != DEFAULT_ALIAS]
+            if pinned and not force:
+                raise StoreError(
+                    f"{name}@{version} is aliased as {', '.join(pinned)}; move the alias "
+                    "first (promote) or remove with force"
+                )
+            folder = d / version
+            if not folder.is_dir():
+                raise UnknownNameError("version", version, self._versions(name))
+            # Rename first: readers stop finding it at once, deletion can take its time.
+            trash = d / f".removed-{version}-{uuid.uuid4().hex}"
+            os.rename(folder, trash)
+            remaining = self._versions(name)
+            for a in pointing:
+                if a == DEFAULT_ALIAS and remaining:
+                    aliases[a] = remaining[-1]
+                else:
+                    del aliases[a]
+            _write_json_atomic(d / REGISTRY, registry)
+        shutil.rmtree(trash, ignore_errors=True)
+        return pointing
+
+    # -- inspection helpers for the command line -----------------------------------------
+    def describe(self, ref: str) -> dict[str, Any]:
+        """A JSON-ready summary of one version (for ``show``)."""
+        name, version = self.resolve(ref)
+        m = self.manifest(f"{name}@{version}")
+        aliases = sorted(a for a, v in self._registry(name)["aliases"].items() if v == version)
+        images = sum(1 for p in m.prototypes if p.has_images)
+        return {
+            "ref": f"{name}@{version}",
+            "aliases": aliases,
+            "created_at": m.created_at.isoformat(),
+            "source": m.source,
+            "code_version": m.code_version,
+            "architecture": m.architecture.model_dump(mode="json"),
+            "preprocessing": m.preprocessing.model_dump(mode="json"),
+            "num_classes": len(m.class_names),
+            "class_names": m.class_names,
+            "num_prototypes": len(m.prototypes),
+            "pruned_prototypes": sum(1 for p in m.prototypes if p.pruned),
+            "prototypes_with_images": images,
+            "has_activation_maps": ACTIVATIONS in m.files,
+            "metrics": m.metrics.model_dump(mode="json"),
+            "files": len(m.files) + 2,
+            "bytes": sum((self.root / name / version / rel).stat().st_size for rel in m.files),
+            "path": str(self.root / name / version),
+        }
