@@ -248,11 +248,9 @@ class ModelStore:
         d = self.root / name
         if not d.is_dir():
             return []
-        found = [
-            p.name
-            for p in d.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_HASH).exists()
-        ]
+        # Temp and removed folders are hidden; any other folder is a version, so a damaged
+        # one is reported as damaged rather than silently missing.
+        found = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
         return sorted(found, key=version_sort_key)
 
     def _registry(self, name: str) -> dict[str, Any]:
