@@ -108,7 +108,7 @@ def test_images_are_rechecked_when_read_later(store: ModelStore, published: Path
     loaded = store.load("tiny")
     _flip(published / "prototypes" / "4_patch.png")
     _flip(published / "prototypes" / "activations.safetensors")
-    with pytest.raises(IntegrityError, match="4_patch.png"):
+    with pytest.raises(IntegrityError, match=r"4_patch\.png"):
         loaded.prototype_image_bytes(4, "patch")
-    with pytest.raises(IntegrityError, match="activations.safetensors"):
+    with pytest.raises(IntegrityError, match=r"activations\.safetensors"):
         loaded.activation_maps()
