@@ -150,11 +150,44 @@ def _torchvision_model(arch: str, weights: str | None) -> nn.Module:
     return model
 
 
+# torchvision's VGG layer lists ("M" = 2x2 max pool); its ``features`` Sequential indices.
+_VGG_CFGS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"] + [512, 512, 512, "M"] * 2,
+    "vgg19": [64, 64, "M", 128, 128, "M"] + [256] * 4 + ["M"] + ([512] * 4 + ["M"]) * 2,
+}
+
+
+def _vgg_features(arch: str) -> nn.Sequential:
+    """torchvision's VGG ``features`` (same layers, indices and init) without building the
+    classifier, whose 120M weights took about 2 s to initialise and were thrown away."""
+    batch_norm = arch.endswith("_bn")
+    layers: list[nn.Module] = []
+    c_in = 3
+    for v in _VGG_CFGS[arch.removesuffix("_bn")]:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        conv = nn.Conv2d(c_in, int(v), kernel_size=3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)] if batch_norm else [
+            conv, nn.ReLU(inplace=True)
+        ]  # fmt: skip
+        c_in = int(v)
+    return nn.Sequential(*layers)
+
+
 class VGGTrunk(Trunk):
     def __init__(self, arch: str, weights: str | None):
         super().__init__()
-        vgg = _torchvision_model(arch, weights)
-        self.features = vgg.features  # all five max pools: 224 px -> 7 x 7
+        if weights == "imagenet":
+            self.features = _torchvision_model(arch, weights).features
+        else:
+            self.features = _vgg_features(arch)  # all five max pools: 224 px -> 7 x 7
+            if weights is not None:  # a full VGG state_dict: classifier keys are ignored
+                _load_into(self, weights, ("features",))
         self.out_channels = 512
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
