@@ -95,9 +95,9 @@ def clean_state_dict_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     )
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+        # Any nesting order: DDP(compile(m)) gives "module._orig_mod.", the reverse too.
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
         m = legacy.match(key)
         if m:
             key = m.group(1) + m.group(2)
@@ -113,7 +113,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # truncated or not safetensors at all
+            raise WeightsError(
+                f"{str(path)!r} is not a readable safetensors file ({type(exc).__name__}: {exc})"
+            ) from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code: say so clearly
@@ -130,6 +135,19 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _load_into(model: nn.Module, path: str, required_prefixes: tuple[str, ...]) -> None:
     state = clean_state_dict_keys(load_state_dict_file(path))
+    # load_state_dict(strict=False) still raises a bare RuntimeError on a shape mismatch:
+    # name the tensors instead (e.g. a ResNet-50 file given for ResNet-18).
+    own = model.state_dict()
+    wrong = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong:
+        raise WeightsError(
+            f"{path!r} does not fit this architecture: {len(wrong)} tensors differ in shape, "
+            f"e.g. {'; '.join(wrong[:3])}"
+        )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k.startswith(required_prefixes)]
     if missing:

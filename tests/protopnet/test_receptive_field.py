@@ -20,7 +20,7 @@ def positive_linear_copy(module: nn.Module) -> nn.Module:
     to one pixel only, which would shrink the measured field), and with positive inputs
     every ReLU passes everything."""
     m = copy.deepcopy(module).double().eval()
-    for name, child in list(m.named_modules()):
+    for child in list(m.modules()):
         for attr, sub in list(child.named_children()):
             if isinstance(sub, nn.MaxPool2d):
                 setattr(
