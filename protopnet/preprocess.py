@@ -16,25 +16,29 @@ from protopnet.config import Preprocessing
 
 
 def to_model_mode(img: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Any PIL mode -> RGB (greyscale models: L replicated to three channels)."""
-    if prep.grayscale and img.mode not in ("I;16", "I;16B", "I;16L", "I"):
-        return img.convert("L").convert("RGB")
-    if img.mode == "RGB":
-        return img
+    """Any PIL mode -> RGB (greyscale models: L replicated to three channels).
+
+    Transparent pixels are composited on white and 16-bit greyscale is scaled to 8 bits
+    first, for colour and greyscale models alike.
+    """
+    if img.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these only to LA/RGBA
+        img = img.convert(img.mode.upper())
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on white rather than letting transparent pixels turn black.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: scale the full range down to 8 bits instead of clipping.
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float32)
         hi = float(arr.max()) if arr.size else 1.0
         scale = 255.0 / (65535.0 if hi > 255 else 255.0)
-        return Image.fromarray((arr * scale).clip(0, 255).astype("uint8"), "L").convert("RGB")
-    return img.convert("RGB")
+        img = Image.fromarray((arr * scale).clip(0, 255).astype("uint8"), "L")
+    if prep.grayscale:
+        return img.convert("L").convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_geometry(prep: Preprocessing) -> list[v2.Transform]:
