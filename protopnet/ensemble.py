@@ -21,16 +21,26 @@ class ProtoPNetEnsemble(nn.Module):
             raise ValueError(f"members disagree on the number of classes: {sorted(ks)}")
         self.members = nn.ModuleList(members)
 
+    def _batches(self, inputs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        if not isinstance(inputs, list):
+            return [inputs] * len(self.members)
+        if len(inputs) != len(self.members):
+            raise ValueError(
+                f"{len(inputs)} input batches for {len(self.members)} members; "
+                "pass one batch for all or one per member"
+            )
+        return inputs
+
     def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """inputs: one (B, 3, S, S) batch for all, or one batch per member -> (B, K)."""
-        batches = inputs if isinstance(inputs, list) else [inputs] * len(self.members)
+        batches = self._batches(inputs)
         return torch.stack([m(x)[0] for m, x in zip(self.members, batches, strict=True)]).sum(0)
 
     @torch.inference_mode()
     def scoring_sheet(self, inputs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
         """Per member (B, K, P_m) points = similarity x weight; summed over members and
         prototypes they give the ensemble's logits."""
-        batches = inputs if isinstance(inputs, list) else [inputs] * len(self.members)
+        batches = self._batches(inputs)
         sheets = []
         for m, x in zip(self.members, batches, strict=True):
             _, min_d = m(x)

@@ -87,6 +87,12 @@ def encode_png(array: np.ndarray, compression: int = 1) -> bytes:
     OpenCV's encoder releases the GIL, so callers can encode many PNGs on threads.
     Compression 1 is several times faster than the default and only slightly larger.
     """
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+    if array.dtype != np.uint8 or not shape_ok or 0 in array.shape:
+        raise ValueError(
+            f"cannot encode an array of shape {array.shape} and dtype {array.dtype} as PNG; "
+            "valid: uint8 of shape (H, W), (H, W, 3) or (H, W, 4) with H, W >= 1"
+        )
     if array.ndim == 3 and array.shape[2] == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
     elif array.ndim == 3 and array.shape[2] == 4:

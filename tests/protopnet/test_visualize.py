@@ -1,0 +1,108 @@
+"""Heatmaps, overlays, masks, boxes, crops and PNG bytes a browser can decode."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protopnet.visualize import (
+    BOX_COLOR,
+    crop,
+    draw_boxes,
+    encode_png,
+    heatmap_rgba,
+    jet,
+    normalize_map,
+    overlay,
+    percentile_mask,
+)
+
+JET_LOW, JET_HIGH = (0, 0, 128), (128, 0, 0)  # JET's ends in RGB: dark blue, dark red
+
+
+def test_normalize_map_min_max_and_constant() -> None:
+    m = np.array([[2.0, 4.0], [3.0, 6.0]])
+    np.testing.assert_allclose(normalize_map(m), [[0, 0.5], [0.25, 1]])
+    assert normalize_map(np.full((3, 3), 7.0)).tolist() == [[0.0] * 3] * 3
+
+
+def test_jet_ends_are_dark_blue_and_dark_red_in_rgb_order() -> None:
+    rgb = jet(np.array([[0.0, 1.0]]))
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 2, 3)
+    assert tuple(rgb[0, 0]) == JET_LOW and tuple(rgb[0, 1]) == JET_HIGH
+
+
+def test_overlay_is_half_image_plus_three_tenths_heatmap() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    m = np.zeros((5, 6))
+    m[2:4, 1:3] = 9.0  # two levels: JET's two ends after min-max
+    out = overlay(img, m)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    for y in range(5):
+        for x in range(6):
+            heat = JET_HIGH if m[y, x] > 0 else JET_LOW
+            want = [min(255, round(0.5 * int(img[y, x, c]) + 0.3 * heat[c])) for c in range(3)]
+            assert np.abs(out[y, x].astype(int) - want).max() <= 1, (y, x)
+
+
+def test_heatmap_rgba_alpha_follows_the_activation() -> None:
+    m = np.array([[0.0, 1.0], [2.0, 4.0]])
+    rgba = heatmap_rgba(m)
+    assert rgba.shape == (2, 2, 4) and rgba.dtype == np.uint8
+    assert rgba[..., 3].tolist() == [[0, 64], [128, 255]]
+    assert tuple(rgba[1, 1, :3]) == JET_HIGH
+
+
+def test_percentile_mask_matches_numpy() -> None:
+    m = np.random.default_rng(1).random((37, 29)).astype(np.float32)
+    mask = percentile_mask(m)
+    want = np.where(m >= np.percentile(m, 95), 255, 0)
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, want)
+    assert int((mask > 0).sum()) == int(np.ceil(0.05 * m.size))
+
+
+def test_draw_boxes_marks_end_exclusive_edges_and_leaves_the_input() -> None:
+    img = np.zeros((60, 80, 3), dtype=np.uint8)
+    out = draw_boxes(img, [(10, 20, 30, 50)])
+    assert img.max() == 0  # a copy was drawn on
+    yellow = np.all(out == BOX_COLOR, axis=2)
+    assert yellow[20, 15] and yellow[49, 15]  # top row y0, bottom row y1 - 1
+    assert yellow[35, 10] and yellow[35, 29]  # left column x0, right column x1 - 1
+    assert not yellow[35, 30] and not yellow[50, 15] and not yellow[35, 20]
+    assert not yellow[:19].any() and not yellow[:, 31:].any()
+    labelled = draw_boxes(img, [(10, 20, 30, 50)], labels=["p3"])
+    assert int(np.any(labelled != 0, axis=2).sum()) > int(yellow.sum())  # text drawn too
+
+
+def test_crop_is_the_box_region() -> None:
+    img = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
+    c = crop(img, (2, 3, 7, 9))
+    assert c.shape == (6, 5, 3) and c.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(c, img[3:9, 2:7])
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (7, 9, 3), (7, 9, 4)])
+def test_encode_png_round_trips_through_a_decoder(shape: tuple[int, ...]) -> None:
+    arr = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    data = encode_png(arr)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    back = np.asarray(Image.open(io.BytesIO(data)))
+    np.testing.assert_array_equal(back, arr)  # channel order preserved (not BGR)
+
+
+@pytest.mark.parametrize(
+    ("arr", "what"),
+    [
+        (np.zeros((4, 4), np.float64), "float64"),
+        (np.zeros((4, 4, 2), np.uint8), r"\(4, 4, 2\)"),
+        (np.zeros((0, 4, 3), np.uint8), r"\(0, 4, 3\)"),
+    ],
+)
+def test_encode_png_refuses_what_it_cannot_encode(arr: np.ndarray, what: str) -> None:
+    with pytest.raises(ValueError, match=f"{what}.*valid: uint8"):
+        encode_png(arr)
