@@ -1,0 +1,353 @@
+"""The request path: decode -> batched forward -> explainer's maps and boxes -> JSON.
+
+PNGs are not made here unless asked for (heatmaps=inline); they are drawn later from the
+cached maps by ``service.render``. CPU work runs on the worker pool, the forward on the
+model's own thread, so the event loop only waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from protopnet.explain import ImageExplanation
+from service import render
+from service.batcher import BatcherFull
+from service.cache import ExplanationCache
+from service.errors import NotFoundError, QueueFullError
+from service.images import DecodedImage, decode_image, sha256_hex
+from service.metrics import Metrics
+from service.registry import ForwardResult, ServedModel
+from service.schemas import (
+    Box,
+    ClassScore,
+    ExplainResponse,
+    ExplanationLinks,
+    HeatmapLinks,
+    HeatmapMode,
+    ImageInfo,
+    LatentCell,
+    ModelRef,
+    Point,
+    Prediction,
+    PredictResponse,
+    PrototypeLinks,
+    ScoringSheet,
+    SheetRow,
+    ShownPrototype,
+    Size,
+    TopPrototype,
+)
+from service.settings import Settings
+
+T = TypeVar("T")
+ID_LENGTH = 32  # hex characters of SHA-256 kept in explanation ids (128 bits)
+
+
+def explanation_id(
+    image_sha256: str, served: ServedModel, top_classes: int, top_prototypes: int, max_side: int
+) -> str:
+    """Same image bytes, same model version, same options -> same id (the cache key)."""
+    key = "|".join(
+        [
+            "v1",
+            image_sha256,
+            served.name,
+            served.version,
+            served.manifest_sha256,
+            str(top_classes),
+            str(top_prototypes),
+            str(max_side),
+        ]
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:ID_LENGTH]
+
+
+def is_explanation_id(value: str) -> bool:
+    return len(value) == ID_LENGTH and all(c in "0123456789abcdef" for c in value)
+
+
+def model_ref(served: ServedModel) -> ModelRef:
+    return ModelRef(
+        name=served.name, version=served.version, manifest_sha256=served.manifest_sha256
+    )
+
+
+def image_info(decoded: DecodedImage, sha: str) -> ImageInfo:
+    (rw, rh), (w, h) = decoded.received_size, decoded.size
+    dh, dw = decoded.display.shape[:2]
+    return ImageInfo(
+        sha256=sha,
+        format=decoded.format,
+        mode=decoded.mode,
+        received=Size(width=rw, height=rh),
+        oriented=Size(width=w, height=h),
+        display=Size(width=dw, height=dh),
+        exif_orientation=decoded.orientation,
+        frames=decoded.frames,
+    )
+
+
+def class_scores(
+    logits: torch.Tensor, probs: torch.Tensor, indices: list[int], names: list[str]
+) -> list[ClassScore]:
+    lg, pr = logits.tolist(), probs.tolist()
+    return [
+        ClassScore(class_index=k, label=names[k], logit=lg[k], probability=pr[k]) for k in indices
+    ]
+
+
+def prototype_links(root: str, served: ServedModel, j: int) -> PrototypeLinks:
+    base = f"{root}/models/{served.name}@{served.version}/prototypes/{j}.png?kind="
+    return PrototypeLinks(
+        patch=base + "patch", source=base + "source", activation=base + "activation"
+    )
+
+
+def build_explanation(
+    exp: ImageExplanation,
+    served: ServedModel,
+    info: ImageInfo,
+    expl_id: str,
+    root: str,
+) -> ExplainResponse:
+    """The JSON of one explanation (heatmaps as URLs) from the explainer's output."""
+    names, classes = served.class_names, served.prototype_classes
+    cls_t = torch.tensor(classes)  # (P,)
+    top = class_scores(exp.logits, exp.probabilities, exp.top_classes, names)
+    sheets = []
+    sims = exp.similarities.tolist()
+    for t, k in enumerate(exp.top_classes):
+        pts = exp.points[t].double()  # (P,) float64 so the totals add up exactly
+        own = torch.nonzero(cls_t == k).flatten()
+        order = own[pts[own].argsort(descending=True)].tolist()
+        w_row, p_row = exp.weights[t].tolist(), pts.tolist()
+        rows = [
+            SheetRow(prototype=j, similarity=sims[j], weight=w_row[j], points=p_row[j])
+            for j in order
+        ]
+        own_total = float(pts[own].sum())
+        total = float(pts.sum())
+        sheets.append(
+            ScoringSheet(
+                class_index=k,
+                label=names[k],
+                logit=float(exp.logits[k]),
+                rows=rows,
+                own_total=own_total,
+                other_prototypes=len(classes) - len(order),
+                other_total=total - own_total,
+                total=total,
+            )
+        )
+    peaks_hw = exp.latent_peaks.tolist()
+    top_protos = [
+        TopPrototype(
+            rank=r + 1,
+            prototype=j,
+            class_index=classes[j],
+            label=names[classes[j]],
+            similarity=sims[j],
+            latent_cell=LatentCell(h=peaks_hw[j][0], w=peaks_hw[j][1]),
+        )
+        for r, j in enumerate(exp.top_prototypes)
+    ]
+    base = f"{root}/explanations/{expl_id}"
+    boxes, peaks = exp.boxes.tolist(), exp.peaks.tolist()
+    shown = []
+    for i, j in enumerate(exp.shown):
+        hm = f"{base}/heatmaps/{j}.png?style="
+        shown.append(
+            ShownPrototype(
+                prototype=j,
+                class_index=classes[j],
+                label=names[classes[j]],
+                similarity=sims[j],
+                box=Box(x0=boxes[i][0], y0=boxes[i][1], x1=boxes[i][2], y1=boxes[i][3]),
+                peak=Point(x=peaks[i][0], y=peaks[i][1]),
+                heatmap=HeatmapLinks(
+                    overlay=hm + "overlay", heatmap=hm + "heatmap", mask=hm + "mask"
+                ),
+                prototype_images=prototype_links(root, served, j),
+            )
+        )
+    return ExplainResponse(
+        id=expl_id,
+        model=model_ref(served),
+        image=info,
+        prediction=Prediction(**top[0].model_dump()),
+        top_classes=top,
+        scoring_sheets=sheets,
+        top_prototypes=top_protos,
+        prototypes=shown,
+        links=ExplanationLinks(self=base, boxes=f"{base}/boxes.png", report=f"{base}/report"),
+    )
+
+
+class ExplanationService:
+    """Orchestrates decoding, the batched forward, explanation, caching and rendering."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        cache: ExplanationCache,
+        pool: ThreadPoolExecutor,
+        metrics: Metrics,
+    ):
+        self.settings, self.cache, self.pool, self.metrics = settings, cache, pool, metrics
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU work on the worker pool (never on the event loop, never the model's)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+
+    async def decode(self, served: ServedModel, data: bytes) -> DecodedImage:
+        s = self.settings
+        return await self.run(
+            decode_image, data, served.preprocessing, s.max_image_pixels, s.max_map_side
+        )
+
+    async def forward(self, served: ServedModel, x: torch.Tensor) -> ForwardResult:
+        try:
+            return await served.forward(x)
+        except BatcherFull as e:
+            self.metrics.rejected.inc()
+            raise QueueFullError(
+                f"model {served.ref} is busy: {e}; retry after {e.retry_after} s",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
+
+    # -- /explain ---------------------------------------------------------------------
+    async def explain(
+        self, served: ServedModel, data: bytes, top_classes: int, top_prototypes: int, root: str
+    ) -> tuple[bytes, bool]:
+        """(explanation JSON with heatmap URLs, whether it came from the cache)."""
+        sha = await self.run(sha256_hex, data) if len(data) > 1 << 20 else sha256_hex(data)
+        eid = explanation_id(sha, served, top_classes, top_prototypes, self.settings.max_map_side)
+        cached = await self.cache.get(eid, "json", count=True)
+        if cached is not None:
+            return cached, True
+        decoded = await self.decode(served, data)
+        fwd = await self.forward(served, decoded.tensor)
+        fields = await self.run(
+            self._finish, served, decoded, fwd, sha, eid, top_classes, top_prototypes, root
+        )
+        await self.cache.put(eid, fields)
+        return fields["json"], False
+
+    def _finish(
+        self,
+        served: ServedModel,
+        decoded: DecodedImage,
+        fwd: ForwardResult,
+        sha: str,
+        eid: str,
+        top_classes: int,
+        top_prototypes: int,
+        root: str,
+    ) -> dict[str, bytes]:
+        """Post-forward work for one image (worker thread): maps, boxes, JSON, cache blobs."""
+        exp = served.explainer.explain_maps(
+            fwd.sim_maps[None],
+            fwd.logits[None],
+            fwd.min_distances[None],
+            [decoded.size],
+            top_classes,
+            top_prototypes,
+        )[0]
+        resp = build_explanation(exp, served, image_info(decoded, sha), eid, root)
+        return {
+            "json": resp.model_dump_json().encode(),
+            "render": render.pack_render(exp, served.preprocessing),
+            "image": render.encode_jpeg(decoded.display),
+        }
+
+    async def present(self, json_bytes: bytes, mode: HeatmapMode) -> bytes:
+        """The stored JSON as the client asked: URLs (as stored), inline PNGs, or none."""
+        if mode == "url":
+            return json_bytes
+        resp = ExplainResponse.model_validate_json(json_bytes)
+        resp.heatmaps = mode
+        if mode == "none":
+            for p in resp.prototypes:
+                p.heatmap = None
+            return resp.model_dump_json(exclude_none=False).encode()
+        rd, image = await self.render_data(resp.id)
+        pngs = await asyncio.gather(
+            *(self.heatmap(resp.id, p.prototype, "overlay", rd, image) for p in resp.prototypes)
+        )
+        for p, png in zip(resp.prototypes, pngs, strict=True):
+            p.heatmap_png = base64.b64encode(png).decode("ascii")
+        return resp.model_dump_json().encode()
+
+    async def stored_json(self, eid: str) -> bytes:
+        data = await self.cache.get(eid, "json")
+        if data is None:
+            raise self._missing(eid)
+        return data
+
+    # -- /predict ---------------------------------------------------------------------
+    async def predict(self, served: ServedModel, data: bytes, top_classes: int) -> PredictResponse:
+        decoded = await self.decode(served, data)
+        fwd = await self.forward(served, decoded.tensor)
+        probs = fwd.logits.softmax(0)
+        k = min(top_classes, fwd.logits.shape[0])
+        top = fwd.logits.topk(k).indices.tolist()
+        scores = class_scores(fwd.logits, probs, top, served.class_names)
+        sha = sha256_hex(data)
+        return PredictResponse(
+            model=model_ref(served),
+            image=image_info(decoded, sha),
+            prediction=Prediction(**scores[0].model_dump()),
+            top_classes=scores,
+        )
+
+    # -- PNGs -------------------------------------------------------------------------
+    def _missing(self, eid: str) -> NotFoundError:
+        return NotFoundError(
+            f"explanation {eid!r} not found: it expired (kept {self.settings.cache_ttl_s} s) or "
+            "was never made; POST the image to /explain again"
+        )
+
+    async def render_data(self, eid: str) -> tuple[render.RenderData, Any]:
+        blob = await self.cache.get(eid, "render")
+        jpeg = await self.cache.get(eid, "image")
+        if blob is None or jpeg is None:
+            raise self._missing(eid)
+        rd = await self.run(render.unpack_render, blob)
+        image = await self.run(render.decode_jpeg, jpeg)
+        return rd, image
+
+    async def heatmap(
+        self,
+        eid: str,
+        prototype: int,
+        style: str,
+        rd: render.RenderData | None = None,
+        image: Any = None,
+    ) -> bytes:
+        field = f"png:{prototype}:{style}"
+        png = await self.cache.get(eid, field)
+        if png is not None:
+            return png
+        if rd is None:
+            rd, image = await self.render_data(eid)
+        png = await self.run(render.heatmap_png, rd, image, prototype, style)
+        await self.cache.put(eid, {field: png})
+        return png
+
+    async def boxes(self, eid: str) -> bytes:
+        png = await self.cache.get(eid, "png:boxes")
+        if png is not None:
+            return png
+        rd, image = await self.render_data(eid)
+        png = await self.run(render.boxes_png, rd, image)
+        await self.cache.put(eid, {"png:boxes": png})
+        return png

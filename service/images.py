@@ -1,0 +1,161 @@
+"""Untrusted image bytes -> the model's input tensor and a display-size RGB picture.
+
+Everything here is synchronous CPU work meant for a worker thread. Checks happen in the
+order that keeps a hostile file cheap: format whitelist, declared size (before any pixel
+is decoded), then the full decode. Pillow's global bomb threshold is set from settings
+by ``configure_pillow`` at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from protopnet.config import Preprocessing
+from protopnet.explain import display_size
+from protopnet.preprocess import eval_transform, to_model_mode
+from service.errors import BadImageError, EmptyImageError, TooManyPixelsError, UnsupportedMediaError
+
+log = logging.getLogger("service.images")
+
+# Only these decoders ever see client bytes (Pillow knows many more, some rarely audited).
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+FORMATS_TEXT = "JPEG, PNG, GIF, BMP, TIFF, WebP"
+
+
+def configure_pillow(max_pixels: int) -> None:
+    """Set Pillow's decompression-bomb threshold (process-wide) to the service's limit.
+
+    Pillow warns above the limit and raises above twice it; our own check on the declared
+    size rejects both, so the warning is silenced rather than turned into noise.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+@dataclass
+class DecodedImage:
+    """One decoded upload: what the model sees and what the user will be shown."""
+
+    tensor: torch.Tensor  # (3, S, S) preprocessed model input
+    display: np.ndarray  # (Hd, Wd, 3) uint8 RGB, the oriented image at display size
+    received_size: tuple[int, int]  # (width, height) as stored in the file
+    size: tuple[int, int]  # (width, height) after EXIF orientation: boxes use these pixels
+    format: str
+    mode: str  # the file's own PIL mode (RGB, RGBA, P, L, I;16, CMYK ...)
+    frames: int  # > 1 for animations; only the first frame is explained
+    orientation: int  # EXIF orientation tag (1 = upright)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Identify the format and check the declared size without decoding pixels."""
+    if not data:
+        raise EmptyImageError(
+            "the request holds no image bytes; send the image as multipart field 'image' "
+            "or as the raw body with an image/* content type"
+        )
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        what = "text" if _looks_like_text(data) else f"{len(data)} bytes of an unknown format"
+        raise UnsupportedMediaError(
+            f"the upload is not an image in a supported format (it looks like {what}); "
+            f"supported formats: {FORMATS_TEXT}"
+        ) from None
+    except Image.DecompressionBombError as e:
+        raise TooManyPixelsError(f"{e}; the limit is {max_pixels} pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImageError(f"could not read the image header: {e}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise BadImageError(f"the image declares an empty size {w} x {h}")
+    if w * h > max_pixels:
+        raise TooManyPixelsError(
+            f"the image declares {w} x {h} = {w * h} pixels; the limit is {max_pixels} "
+            "(PROTOPNET_MAX_IMAGE_PIXELS)"
+        )
+    return img
+
+
+def _oriented(img: Image.Image) -> tuple[Image.Image, int]:
+    try:
+        orientation = int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a malformed EXIF block: treat the image as upright
+        return img, 1
+    if orientation == 1:
+        return img, 1
+    try:
+        return ImageOps.exif_transpose(img), orientation
+    except Exception as e:
+        log.warning("ignoring unusable EXIF orientation %s: %s", orientation, e)
+        return img, 1
+
+
+def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, max_side: int) -> DecodedImage:
+    """Decode, orient and convert one upload for a model with preprocessing ``prep``.
+
+    Animated images: the first frame. JPEGs much larger than needed are decoded at a
+    reduced DCT scale (Pillow's draft mode), which is several times faster; sizes and
+    boxes are still reported in the full image's pixels.
+    """
+    img = open_image(data, max_pixels)
+    fmt, mode, received = str(img.format), img.mode, img.size
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    try:
+        if frames > 1:
+            img.seek(0)
+        need = max(prep.img_size, max_side)
+        if fmt == "JPEG" and min(received) >= 2 * need:
+            img.draft(None, (need, need))  # still >= need on both sides
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise TooManyPixelsError(f"{e}; the limit is {max_pixels} pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImageError(f"the {fmt} image is truncated or corrupt: {e}") from None
+    scale = received[0] / img.size[0]  # > 1 after a draft decode
+    img, orientation = _oriented(img)
+    # Full-resolution size after orientation, even when decoded at a reduced scale.
+    size = received if orientation in (1, 2, 3, 4) else (received[1], received[0])
+    try:
+        rgb = to_model_mode(img, prep)
+    except (OSError, ValueError) as e:
+        raise UnsupportedMediaError(
+            f"cannot convert an image of mode {mode!r} to RGB: {e}; use an RGB, RGBA, "
+            "greyscale, palette, CMYK or 16-bit image"
+        ) from None
+    tensor = eval_transform(prep)(rgb)  # (3, S, S)
+    disp = display_size(size[0], size[1], max_side)
+    shown = rgb if rgb.size == disp else rgb.resize(disp, Image.Resampling.BICUBIC)
+    display = np.asarray(shown, dtype=np.uint8)  # (Hd, Wd, 3)
+    if scale != 1.0:
+        log.debug("decoded a %s x %s JPEG at 1/%s scale", *received, scale)
+    return DecodedImage(
+        tensor=tensor,
+        display=np.ascontiguousarray(display),
+        received_size=received,
+        size=size,
+        format=fmt,
+        mode=mode,
+        frames=frames,
+        orientation=orientation,
+    )

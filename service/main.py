@@ -1,0 +1,111 @@
+"""Builds the FastAPI app: settings, lifespan (models, cache, pools), middleware, routers.
+
+uvicorn --factory service.main:create_app     or     python -m service
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from model_store import ModelStore
+from service.cache import ExplanationCache
+from service.errors import ErrorResponse, install_error_handlers
+from service.explanations import ExplanationService
+from service.images import configure_pillow
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware, configure_logging
+from service.registry import ModelRegistry
+from service.routes import explain, explanations, health, kserve, models
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    s: {"model": ErrorResponse, "description": d}
+    for s, d in (
+        (400, "empty, truncated or corrupt image"),
+        (401, "missing or invalid API key"),
+        (404, "unknown model, version, alias, explanation or prototype"),
+        (413, "too many bytes or too many pixels"),
+        (415, "not an image, or an unsupported format or content type"),
+        (422, "a bad option"),
+        (503, "queue full (with Retry-After) or not ready"),
+    )
+}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for ``settings`` (default: from PROTOPNET_* environment variables)."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    configure_pillow(settings.max_image_pixels)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="work")
+        cache = ExplanationCache(
+            settings.redis_url,
+            settings.cache_ttl_s,
+            settings.local_cache_entries,
+            settings.local_cache_bytes,
+            metrics,
+            timeout_s=settings.redis_timeout_s,
+            retry_s=settings.redis_retry_s,
+        )
+        await cache.start()
+        registry = ModelRegistry(ModelStore(settings.store), settings, metrics)
+        app.state.settings = settings
+        app.state.metrics = metrics
+        app.state.cache = cache
+        app.state.registry = registry
+        app.state.explanations = ExplanationService(settings, cache, pool, metrics)
+        loading = asyncio.create_task(registry.load_startup_models())
+        log.info(
+            "service starting",
+            extra={"store": str(settings.store), "models": settings.startup_models()},
+        )
+        try:
+            yield
+        finally:
+            # uvicorn has already finished in-flight requests (graceful shutdown).
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await registry.close()
+            await cache.close()
+            pool.shutdown(wait=True)
+            log.info("service stopped")
+
+    app = FastAPI(
+        title="ProtoPNet explanation service",
+        version="1.0.0",
+        summary="POST an image, get 'this looks like that': prototypes, scoring sheets, boxes.",
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    for module in (explain, explanations, models, kserve, health):
+        app.include_router(module.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "X-Cache", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

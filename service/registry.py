@@ -1,0 +1,181 @@
+"""Models served by this replica: loaded from the store, warmed up, one batcher each.
+
+References resolve through the store on every request (so a promoted alias takes effect
+at once); a resolved version is loaded on first use and kept, least recently used first
+out, up to ``max_loaded_models``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from model_store import LoadedModel, ModelStore
+from protopnet.explain import PrototypeExplainer
+from service.batcher import MicroBatcher
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("service.registry")
+
+
+@dataclass
+class ForwardResult:
+    """One image's share of a batched forward pass, on the CPU."""
+
+    logits: torch.Tensor  # (K,)
+    min_distances: torch.Tensor  # (P,)
+    sim_maps: torch.Tensor  # (P, H', W') similarity maps before pooling
+
+
+def pick_device(setting: str) -> torch.device:
+    """ "auto": CUDA when present, else CPU; otherwise the named device."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+class ServedModel:
+    """A loaded version: the model on its device, its explainer and its batcher."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings, metrics: Metrics):
+        self.loaded = loaded
+        self.manifest = loaded.manifest
+        self.name, self.version = loaded.manifest.name, loaded.manifest.version
+        self.ref = f"{self.name}@{self.version}"
+        self.manifest_sha256 = loaded.manifest_sha256
+        self.device = pick_device(settings.device)
+        self.model = loaded.model.to(self.device).eval()
+        self.preprocessing = loaded.manifest.preprocessing
+        self.class_names = list(loaded.manifest.class_names)
+        self.prototype_classes: list[int] = self.model.prototype_classes.cpu().tolist()
+        self.explainer = PrototypeExplainer(self.model, self.preprocessing, settings.max_map_side)
+        # The explainer's post-forward step reads these; keep CPU copies made once.
+        self.batcher: MicroBatcher[ForwardResult] = MicroBatcher(
+            self.ref,
+            self._run_batch,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            on_batch=lambda n, dt: self._on_batch(metrics, n, dt),
+            on_wait=lambda s: metrics.queue_wait.labels(self.ref).observe(s),
+        )
+        self._metrics = metrics
+
+    def _on_batch(self, metrics: Metrics, n: int, dt: float) -> None:
+        metrics.batch_size.labels(self.ref).observe(n)
+        metrics.forward.labels(self.ref).observe(dt)
+        metrics.queue_depth.labels(self.ref).set(self.batcher.depth)
+
+    @torch.inference_mode()
+    def _run_batch(self, x: torch.Tensor) -> list[ForwardResult]:
+        """(B, 3, S, S) -> B results. Runs on the model's own thread only."""
+        out = self.model.forward_full(x.to(self.device, non_blocking=True))
+        sims = self.model.similarity(out.distances).float().cpu()  # (B, P, H', W')
+        logits = out.logits.float().cpu()  # (B, K)
+        min_d = out.min_distances.float().cpu()  # (B, P)
+        return [ForwardResult(logits[b], min_d[b], sims[b]) for b in range(x.shape[0])]
+
+    async def forward(self, x: torch.Tensor) -> ForwardResult:
+        """One preprocessed image (3, S, S) through the batcher."""
+        self._metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
+        return await self.batcher.submit(x)
+
+    async def warm_up(self, max_batch: int) -> float:
+        """Run batches of 1 and of the max size once, so the first request is not slow."""
+        t0 = time.perf_counter()
+        S = self.preprocessing.img_size
+        for b in sorted({1, min(2, max_batch), max_batch}):
+            await self.batcher.run_now(torch.zeros(b, 3, S, S))
+        self.batcher.start()
+        return time.perf_counter() - t0
+
+    async def close(self, timeout_s: float) -> None:
+        await self.batcher.close(timeout_s)
+
+
+class ModelRegistry:
+    """Resolves references through the store and keeps loaded versions."""
+
+    def __init__(self, store: ModelStore, settings: Settings, metrics: Metrics):
+        self.store, self.settings, self.metrics = store, settings, metrics
+        self._models: OrderedDict[str, ServedModel] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.ready = False
+        self.error: str | None = None
+
+    @property
+    def loaded_refs(self) -> list[str]:
+        return list(self._models)
+
+    def peek(self, name: str, version: str) -> ServedModel | None:
+        """The served model for an exact version if this replica has it loaded."""
+        return self._models.get(f"{name}@{version}")
+
+    def resolve(self, ref: str) -> tuple[str, str]:
+        """(name, version); raises UnknownNameError listing the valid names."""
+        return self.store.resolve(ref)
+
+    async def get(self, ref: str | None = None) -> ServedModel:
+        """The served model for a reference (default: the settings' default model)."""
+        name, version = self.resolve(ref or self.settings.default_model)
+        key = f"{name}@{version}"
+        served = self._models.get(key)
+        if served is not None:
+            self._models.move_to_end(key)
+            return served
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            served = self._models.get(key)
+            if served is None:
+                served = await self._load(key)
+        return served
+
+    async def _load(self, key: str) -> ServedModel:
+        t0 = time.perf_counter()
+        loaded = await asyncio.to_thread(self.store.load, key)
+        served = await asyncio.to_thread(ServedModel, loaded, self.settings, self.metrics)
+        warm = await served.warm_up(self.settings.max_batch)
+        self._models[key] = served
+        log.info(
+            "loaded %s on %s in %.2f s (warm-up %.2f s)",
+            key,
+            served.device,
+            time.perf_counter() - t0,
+            warm,
+        )
+        while len(self._models) > self.settings.max_loaded_models:
+            old_key, old = self._models.popitem(last=False)
+            log.info(
+                "unloading %s (max_loaded_models=%d)", old_key, self.settings.max_loaded_models
+            )
+            asyncio.get_running_loop().create_task(old.close(self.settings.graceful_shutdown_s))
+        return served
+
+    async def load_startup_models(self, retry_s: float = 5.0) -> None:
+        """Load and warm the configured models; ``ready`` once all of them are.
+
+        A model missing from the store (not published yet) or failing to load is retried
+        every ``retry_s`` seconds; /readyz shows the last error meanwhile.
+        """
+        while True:
+            try:
+                for ref in self.settings.startup_models():
+                    await self.get(ref)
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                log.error("start-up model loading failed (retrying): %s", self.error)
+                await asyncio.sleep(retry_s)
+                continue
+            self.ready, self.error = True, None
+            return
+
+    async def close(self) -> None:
+        for served in list(self._models.values()):
+            await served.close(self.settings.graceful_shutdown_s)
+        self._models.clear()

@@ -1,0 +1,152 @@
+"""PNGs drawn after the fact, from what the cache keeps: never needs the model.
+
+An explanation stores its low-resolution similarity maps and geometry as a safetensors
+blob (no pickle) and the display-size image as a JPEG. Heatmaps are re-upsampled from
+the maps exactly as the explainer did (``protopnet.explain.place_maps``), so a mask PNG's
+white region bounds the same box the JSON reports.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from protopnet.config import Preprocessing
+from protopnet.explain import ImageExplanation, place_maps
+from protopnet.visualize import crop, draw_boxes, encode_png, heatmap_rgba, overlay, percentile_mask
+from service.errors import NotFoundError
+
+STYLES = ("overlay", "heatmap", "mask")
+
+
+@dataclass
+class RenderData:
+    """What re-rendering needs: maps of the shown prototypes and the geometry."""
+
+    low_res: torch.Tensor  # (N, H', W') similarity maps of ``shown``
+    shown: list[int]
+    boxes: np.ndarray  # (N, 4) original-pixel boxes
+    top_prototypes: list[int]
+    image_size: tuple[int, int]  # (width, height), oriented original
+    display_size: tuple[int, int]
+    preprocessing: Preprocessing
+
+    def index(self, prototype: int) -> int:
+        try:
+            return self.shown.index(prototype)
+        except ValueError:
+            shown = ", ".join(str(j) for j in sorted(self.shown))
+            raise NotFoundError(
+                f"prototype {prototype} has no heatmap in this explanation; "
+                f"it shows prototypes {shown}"
+            ) from None
+
+    def display_box(self, i: int) -> tuple[int, int, int, int]:
+        """Box i in display pixels (shrunk from original pixels)."""
+        sx = self.display_size[0] / self.image_size[0]
+        sy = self.display_size[1] / self.image_size[1]
+        x0, y0, x1, y1 = (int(v) for v in self.boxes[i])
+        return (
+            int(np.floor(x0 * sx)),
+            int(np.floor(y0 * sy)),
+            max(int(np.floor(x0 * sx)) + 1, int(np.ceil(x1 * sx))),
+            max(int(np.floor(y0 * sy)) + 1, int(np.ceil(y1 * sy))),
+        )
+
+
+def pack_render(exp: ImageExplanation, prep: Preprocessing) -> bytes:
+    """The explanation's maps and geometry as safetensors bytes."""
+    tensors = {
+        "low_res": exp.low_res_maps.float().contiguous().numpy(),
+        "shown": np.asarray(exp.shown, dtype=np.int64),
+        "boxes": exp.boxes.numpy().astype(np.int64),
+        "top_prototypes": np.asarray(exp.top_prototypes, dtype=np.int64),
+    }
+    meta = {
+        "image_size": json.dumps(list(exp.image_size)),
+        "display_size": json.dumps(list(exp.display_size)),
+        "preprocessing": prep.model_dump_json(),
+    }
+    return st_save(tensors, metadata=meta)
+
+
+def unpack_render(blob: bytes) -> RenderData:
+    """Inverse of ``pack_render``; the metadata sits in the safetensors JSON header."""
+    t = st_load(blob)
+    header_len = int.from_bytes(blob[:8], "little")
+    meta = json.loads(blob[8 : 8 + header_len])["__metadata__"]
+    w, h = json.loads(meta["image_size"])
+    dw, dh = json.loads(meta["display_size"])
+    return RenderData(
+        low_res=torch.from_numpy(t["low_res"]),
+        shown=[int(j) for j in t["shown"]],
+        boxes=t["boxes"],
+        top_prototypes=[int(j) for j in t["top_prototypes"]],
+        image_size=(int(w), int(h)),
+        display_size=(int(dw), int(dh)),
+        preprocessing=Preprocessing.model_validate_json(meta["preprocessing"]),
+    )
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 92) -> bytes:
+    """uint8 RGB -> JPEG bytes (OpenCV releases the GIL)."""
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    if not ok:
+        raise ValueError(f"could not encode an image of shape {image.shape} as JPEG")
+    return buf.tobytes()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cached display image of {len(data)} bytes is not a JPEG")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def display_map(rd: RenderData, i: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Map i upsampled onto the display canvas, and the model input's visible window."""
+    canvas, window = place_maps(
+        rd.low_res[i : i + 1], rd.image_size, rd.display_size, rd.preprocessing
+    )  # (1, Hd, Wd)
+    return canvas[0].numpy(), window
+
+
+def heatmap_png(rd: RenderData, image: np.ndarray, prototype: int, style: str) -> bytes:
+    """One prototype's heatmap at display size, as PNG bytes."""
+    m, (x0, y0, x1, y1) = display_map(rd, rd.index(prototype))
+    if style == "overlay":
+        return encode_png(overlay(image, m))
+    if style == "heatmap":
+        return encode_png(heatmap_rgba(m))
+    if style == "mask":
+        # The percentile is taken over the visible window only, as for the boxes.
+        mask = np.zeros(m.shape, dtype=np.uint8)
+        mask[y0:y1, x0:x1] = percentile_mask(np.ascontiguousarray(m[y0:y1, x0:x1]))
+        return encode_png(mask)
+    raise ValueError(f"unknown heatmap style {style!r}; valid: {', '.join(STYLES)}")
+
+
+def overlay_array(rd: RenderData, image: np.ndarray, prototype: int) -> np.ndarray:
+    m, _ = display_map(rd, rd.index(prototype))
+    return overlay(image, m)
+
+
+def boxes_png(rd: RenderData, image: np.ndarray, prototypes: list[int] | None = None) -> bytes:
+    """The image with the boxes of ``prototypes`` (default: the most activated) drawn."""
+    chosen = rd.top_prototypes if prototypes is None else prototypes
+    idx = [rd.index(j) for j in chosen]
+    boxes = [rd.display_box(i) for i in idx]
+    return encode_png(draw_boxes(image, boxes, labels=[f"p{j}" for j in chosen]))
+
+
+def box_crop(rd: RenderData, image: np.ndarray, prototype: int) -> np.ndarray:
+    """The part of the display image inside a prototype's box."""
+    return crop(image, rd.display_box(rd.index(prototype)))

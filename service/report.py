@@ -1,0 +1,115 @@
+"""The printable report page: one self-contained HTML file, every image a data: URI."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from protopnet.visualize import encode_png
+from service import render
+from service.schemas import ExplainResponse
+
+TEMPLATES = Path(__file__).parent / "templates"
+_env = Environment(
+    loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]), auto_reload=False
+)
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+@dataclass
+class ReportRow:
+    prototype: int
+    similarity: float
+    weight: float
+    points: float
+    crop_uri: str | None
+    patch_uri: str | None
+
+
+@dataclass
+class ReportSheet:
+    title: str
+    label: str
+    probability: float
+    rows: list[ReportRow]
+    shown_total: float
+    hidden_rows: int
+    hidden_total: float
+    other_prototypes: int
+    other_total: float
+    total: float
+
+
+def render_report(
+    resp: ExplainResponse,
+    rd: render.RenderData,
+    image: np.ndarray,
+    patches: dict[int, bytes | None],
+    rows_per_class: int,
+) -> str:
+    """HTML for the predicted class and the runner-up. ``patches``: prototype -> PNG."""
+    probs = {c.class_index: c.probability for c in resp.top_classes}
+    sheets = []
+    for title, sheet in zip(
+        ("Predicted class", "Runner-up"), resp.scoring_sheets[:2], strict=False
+    ):
+        rows = []
+        for r in sheet.rows[:rows_per_class]:
+            crop_uri = None
+            if r.prototype in rd.shown:
+                box = render.box_crop(rd, image, r.prototype)
+                if box.size:
+                    crop_uri = data_uri(encode_png(box))
+            patch = patches.get(r.prototype)
+            rows.append(
+                ReportRow(
+                    prototype=r.prototype,
+                    similarity=r.similarity,
+                    weight=r.weight,
+                    points=r.points,
+                    crop_uri=crop_uri,
+                    patch_uri=data_uri(patch) if patch else None,
+                )
+            )
+        shown_total = sum(r.points for r in sheet.rows[:rows_per_class])
+        sheets.append(
+            ReportSheet(
+                title=title,
+                label=sheet.label,
+                probability=probs.get(sheet.class_index, 0.0),
+                rows=rows,
+                shown_total=shown_total,
+                hidden_rows=max(0, len(sheet.rows) - rows_per_class),
+                hidden_total=sheet.own_total - shown_total,
+                other_prototypes=sheet.other_prototypes,
+                other_total=sheet.other_total,
+                total=sheet.total,
+            )
+        )
+    runner_up = resp.top_classes[1] if len(resp.top_classes) > 1 else None
+    return _env.get_template("report.html").render(
+        explanation_id=resp.id,
+        model=resp.model,
+        image=resp.image,
+        prediction=resp.prediction,
+        runner_up=runner_up,
+        missing_runner_up=runner_up is None,
+        sheets=sheets,
+        boxes_uri=data_uri(render.boxes_png(rd, image)),
+        created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+
+
+def report_prototypes(resp: ExplainResponse, rows_per_class: int) -> list[int]:
+    """The prototypes whose patches the report shows."""
+    return list(
+        dict.fromkeys(r.prototype for s in resp.scoring_sheets[:2] for r in s.rows[:rows_per_class])
+    )

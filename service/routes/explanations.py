@@ -1,0 +1,95 @@
+"""GET /explanations/{id}, its heatmap PNGs, boxes.png and the printable report."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Response
+from fastapi.responses import HTMLResponse
+
+from protopnet.errors import ProtoPNetError
+from service.deps import ApiKey, ExplanationsDep, RegistryDep, SettingsDep
+from service.errors import NotFoundError
+from service.explanations import ID_LENGTH, is_explanation_id
+from service.report import render_report, report_prototypes
+from service.schemas import ExplainResponse, HeatmapMode, HeatmapStyle
+
+router = APIRouter(prefix="/explanations", tags=["explanations"], dependencies=[ApiKey])
+
+PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "a PNG"}}
+IdPath = Annotated[str, Path(description=f"{ID_LENGTH} hex characters from POST /explain")]
+
+
+def _check_id(eid: str) -> str:
+    if not is_explanation_id(eid):
+        raise NotFoundError(
+            f"explanation {eid!r} not found: ids are {ID_LENGTH} lowercase hex characters"
+        )
+    return eid
+
+
+def _png(data: bytes, settings_ttl: int) -> Response:
+    # An id's PNGs never change; clients may keep them as long as the cache does.
+    return Response(
+        data, media_type="image/png", headers={"Cache-Control": f"private, max-age={settings_ttl}"}
+    )
+
+
+@router.get("/{eid}", response_model=ExplainResponse)
+async def get_explanation(
+    eid: IdPath,
+    svc: ExplanationsDep,
+    heatmaps: Annotated[HeatmapMode, Query()] = "url",
+) -> Response:
+    """The JSON that POST /explain returned, from any replica (shared cache)."""
+    data = await svc.stored_json(_check_id(eid))
+    body = await svc.present(data, heatmaps)
+    return Response(body, media_type="application/json")
+
+
+@router.get("/{eid}/heatmaps/{prototype}.png", response_class=Response, responses=PNG)
+async def get_heatmap(
+    eid: IdPath,
+    prototype: int,
+    svc: ExplanationsDep,
+    settings: SettingsDep,
+    style: Annotated[HeatmapStyle, Query(description="overlay, heatmap or mask")] = "overlay",
+) -> Response:
+    """A prototype's activation map at display size: ``overlay`` (JET over the image,
+    the paper's blend), ``heatmap`` (RGBA, alpha = activation) or ``mask`` (white where
+    the map is >= its 95th percentile, whose bounding box is the JSON's box)."""
+    png = await svc.heatmap(_check_id(eid), prototype, style)
+    return _png(png, settings.cache_ttl_s)
+
+
+@router.get("/{eid}/boxes.png", response_class=Response, responses=PNG)
+async def get_boxes(eid: IdPath, svc: ExplanationsDep, settings: SettingsDep) -> Response:
+    """The image at display size with the most activated prototypes' boxes."""
+    png = await svc.boxes(_check_id(eid))
+    return _png(png, settings.cache_ttl_s)
+
+
+@router.get("/{eid}/report", response_class=HTMLResponse)
+async def get_report(
+    eid: IdPath, svc: ExplanationsDep, registry: RegistryDep, settings: SettingsDep
+) -> HTMLResponse:
+    """A self-contained, printable HTML page: the image, then for the predicted class and
+    the runner-up, rows of image part | prototype | similarity | weight | points."""
+    data = await svc.stored_json(_check_id(eid))
+    resp = ExplainResponse.model_validate_json(data)
+    rd, image = await svc.render_data(eid)
+    wanted = report_prototypes(resp, settings.report_rows)
+    patches: dict[int, bytes | None] = {}
+    try:
+        served = await registry.get(f"{resp.model.name}@{resp.model.version}")
+    except ProtoPNetError:  # the version left the store: the report renders without patches
+        served = None
+    if served is not None:
+        loaded = served.loaded
+        found = await asyncio.gather(
+            *(asyncio.to_thread(loaded.prototype_image_bytes, j, "patch") for j in wanted)
+        )
+        patches = dict(zip(wanted, found, strict=True))
+    html = await svc.run(render_report, resp, rd, image, patches, settings.report_rows)
+    return HTMLResponse(html)

@@ -1,0 +1,51 @@
+"""Liveness, readiness and Prometheus metrics (no API key: probes and scrapers)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import CacheDep, RegistryDep
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """Alive: the process answers HTTP."""
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "models not loaded yet, or failing"}},
+)
+async def readyz(registry: RegistryDep, cache: CacheDep) -> JSONResponse:
+    """200 once the start-up models are loaded and warmed up.
+
+    ``status`` is "degraded" (still 200) while Redis is unreachable: the replica keeps
+    answering from its in-process cache, so taking it out of rotation would not help.
+    """
+    status: Literal["ready", "degraded", "starting", "failed"]
+    if registry.ready:
+        status = "degraded" if cache.state == "degraded" else "ready"
+        detail = f"redis unreachable: {cache.last_error}" if status == "degraded" else None
+        code = 200
+    else:
+        status = "failed" if registry.error else "starting"
+        detail = registry.error or "loading and warming up models"
+        code = 503
+    body = Readiness(status=status, models=registry.loaded_refs, cache=cache.state, detail=detail)
+    return JSONResponse(body.model_dump(), status_code=code)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    data = generate_latest(request.app.state.metrics.registry)
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,142 @@
+"""KServe v1-style aliases: POST /v1/models/{name}:predict and :explain.
+
+Body: {"instances": [<base64 string> | {"b64": ...} | {"image": {"b64": ...}}, ...],
+"parameters": {"top_classes": 3, ...}}. A raw image/* or multipart body also works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+
+from service.deps import (
+    ApiKey,
+    ExplanationsDep,
+    RegistryDep,
+    SettingsDep,
+    read_body,
+    read_upload,
+    resolve_options,
+    root_of,
+)
+from service.errors import BadOptionError, ServiceError, TooLargeError, validation_message
+from service.schemas import (
+    ExplainResponse,
+    KServeExplainResponse,
+    KServePredictResponse,
+    KServeRequest,
+)
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1/models", tags=["kserve"], dependencies=[ApiKey])
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": KServeRequest.model_json_schema()},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def _instances(request: Request, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
+    """The images of a KServe request and its parameters."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        upload = await read_upload(request, settings)
+        return [upload.data], dict(upload.fields)
+    limit = settings.max_upload_bytes
+    body = await read_body(request, limit * 4 // 3 + 64 * 1024)  # base64 is 4/3 larger
+    try:
+        req = KServeRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise BadOptionError(validation_message(json.loads(e.json()))) from None
+    if len(req.instances) > settings.max_instances:
+        raise BadOptionError(
+            f"{len(req.instances)} instances in one request; the limit is "
+            f"{settings.max_instances} (PROTOPNET_MAX_INSTANCES)"
+        )
+    images = []
+    for i, inst in enumerate(req.instances):
+        b64: str | None
+        if isinstance(inst, str):
+            b64 = inst
+        else:
+            holder = inst.image or inst.image_bytes
+            b64 = inst.b64 if inst.b64 is not None else (holder.b64 if holder else None)
+        if b64 is None:
+            raise BadOptionError(
+                f"instances[{i}] holds no image: use a base64 string, {{'b64': ...}} or "
+                "{'image': {'b64': ...}}"
+            )
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadOptionError(f"instances[{i}] is not valid base64") from None
+        if len(data) > limit:
+            raise TooLargeError(f"instances[{i}] is {len(data)} bytes; the limit is {limit}")
+        images.append(data)
+    return images, {k: v for k, v in (req.parameters or {}).items()}
+
+
+async def _gather(coros: list) -> list:
+    """Run instances concurrently (they share batches); name the instance that failed."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for i, r in enumerate(results):
+        if isinstance(r, ServiceError):
+            if len(results) > 1:
+                r.message = f"instances[{i}]: {r.message}"
+            raise r
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)
+
+
+@router.post("/{name}:predict", response_model=KServePredictResponse, openapi_extra=_BODY)
+async def kserve_predict(
+    name: str,
+    request: Request,
+    settings: SettingsDep,
+    registry: RegistryDep,
+    svc: ExplanationsDep,
+) -> KServePredictResponse:
+    """KServe v1 predict: {"predictions": [...]}, one per instance."""
+    images, params = await _instances(request, settings)
+    opts = resolve_options(settings, {**params, "model": name})
+    served = await registry.get(opts.model)
+    preds = await _gather([svc.predict(served, d, opts.top_classes) for d in images])
+    return KServePredictResponse(
+        model_name=served.name, model_version=served.version, predictions=preds
+    )
+
+
+@router.post("/{name}:explain", response_model=KServeExplainResponse, openapi_extra=_BODY)
+async def kserve_explain(
+    name: str,
+    request: Request,
+    settings: SettingsDep,
+    registry: RegistryDep,
+    svc: ExplanationsDep,
+) -> KServeExplainResponse:
+    """KServe v1 explain: {"explanations": [...]}, each what POST /explain returns."""
+    images, params = await _instances(request, settings)
+    opts = resolve_options(settings, {**params, "model": name})
+    served = await registry.get(opts.model)
+    root = root_of(request)
+    done = await _gather(
+        [svc.explain(served, d, opts.top_classes, opts.top_prototypes, root) for d in images]
+    )
+    bodies = await asyncio.gather(*(svc.present(data, opts.heatmaps) for data, _ in done))
+    return KServeExplainResponse(
+        model_name=served.name,
+        model_version=served.version,
+        explanations=[ExplainResponse.model_validate_json(b) for b in bodies],
+    )

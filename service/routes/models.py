@@ -1,0 +1,142 @@
+"""GET /models, /models/{name}, its prototypes and their pictures from the store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from model_store.manifest import Manifest
+from service.deps import ApiKey, RegistryDep, SettingsDep, root_of
+from service.errors import NotFoundError
+from service.schemas import (
+    Box,
+    ImageKind,
+    LatentCell,
+    ModelDetail,
+    ModelList,
+    ModelListEntry,
+    PrototypeInfo,
+    PrototypeLinks,
+    PrototypeList,
+    Size,
+)
+
+router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKey])
+
+
+@router.get("", response_model=ModelList)
+async def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
+    """Every model in the store with its versions and aliases."""
+    entries = await asyncio.to_thread(registry.store.list)
+    loaded = registry.loaded_refs
+    return ModelList(
+        default_model=settings.default_model,
+        models=[
+            ModelListEntry(
+                name=e.name,
+                versions=e.versions,
+                aliases=e.aliases,
+                loaded=[r.split("@", 1)[1] for r in loaded if r.split("@", 1)[0] == e.name],
+            )
+            for e in entries
+        ],
+    )
+
+
+async def _manifest(registry: RegistryDep, ref: str) -> tuple[Manifest, str | None]:
+    name, version = await asyncio.to_thread(registry.resolve, ref)
+    served = registry.peek(name, version)
+    if served is not None:
+        return served.manifest, served.manifest_sha256
+    return await asyncio.to_thread(registry.store.manifest, f"{name}@{version}"), None
+
+
+@router.get("/{name}", response_model=ModelDetail)
+async def get_model(name: str, registry: RegistryDep) -> ModelDetail:
+    """One version (``name`` = name, name@version or name@alias): classes, prototypes,
+    trunk, accuracy."""
+    m, sha = await _manifest(registry, name)
+    aliases = await asyncio.to_thread(registry.store.aliases, m.name)
+    arch = m.architecture
+    counts = Counter(m.class_names[p.class_index] for p in m.prototypes)
+    accuracy = m.metrics.test_accuracy
+    if accuracy is None:
+        accuracy = m.metrics.val_accuracy
+    return ModelDetail(
+        name=m.name,
+        version=m.version,
+        manifest_sha256=sha,
+        aliases=sorted(a for a, v in aliases.items() if v == m.version),
+        trunk=arch.backbone,
+        image_size=m.preprocessing.img_size,
+        num_classes=len(m.class_names),
+        classes=m.class_names,
+        num_prototypes=len(m.prototypes),
+        prototypes_per_class={c: counts.get(c, 0) for c in m.class_names},
+        prototype_shape=[arch.prototype_depth, *arch.prototype_size],
+        activation=arch.activation,
+        preprocessing=m.preprocessing.model_dump(mode="json"),
+        metrics=m.metrics.model_dump(mode="json"),
+        accuracy=accuracy,
+        created_at=m.created_at.isoformat(),
+        source=m.source,
+    )
+
+
+@router.get("/{name}/prototypes", response_model=PrototypeList)
+async def list_prototypes(name: str, registry: RegistryDep, request: Request) -> PrototypeList:
+    """Every prototype: its class, where it came from, links to its pictures."""
+    m, _ = await _manifest(registry, name)
+    base = f"{root_of(request)}/models/{m.name}@{m.version}/prototypes"
+    out = []
+    for p in m.prototypes:
+        links = None
+        if p.has_images:
+            u = f"{base}/{p.index}.png?kind="
+            links = PrototypeLinks(
+                patch=u + "patch", source=u + "source", activation=u + "activation"
+            )
+        out.append(
+            PrototypeInfo(
+                prototype=p.index,
+                class_index=p.class_index,
+                label=m.class_names[p.class_index],
+                source_image_id=p.source_image_id,
+                source_size=Size(width=p.source_size[0], height=p.source_size[1])
+                if p.source_size
+                else None,
+                latent_cell=LatentCell(h=p.patch_hw[0], w=p.patch_hw[1]) if p.patch_hw else None,
+                box=Box(x0=p.box[0], y0=p.box[1], x1=p.box[2], y1=p.box[3]) if p.box else None,
+                distance=p.distance,
+                pruned=p.pruned,
+                images=links,
+            )
+        )
+    return PrototypeList(name=m.name, version=m.version, prototypes=out)
+
+
+@router.get(
+    "/{name}/prototypes/{j}.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "a PNG from the store"}},
+)
+async def prototype_image(
+    name: str,
+    j: int,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    kind: Annotated[ImageKind, Query(description="patch, source or activation")] = "patch",
+) -> Response:
+    """Prototype j's picture from its training image, as published in the store."""
+    served = await registry.get(name)
+    data = await asyncio.to_thread(served.loaded.prototype_image_bytes, j, kind)
+    if data is None:
+        raise NotFoundError(f"model {served.ref} has no {kind} image for prototype {j}")
+    return Response(
+        data,
+        media_type="image/png",
+        headers={"Cache-Control": f"public, max-age={settings.cache_ttl_s}"},
+    )

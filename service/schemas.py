@@ -1,0 +1,275 @@
+"""The service's JSON: request options and response bodies (all in the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+HeatmapMode = Literal["url", "inline", "none"]
+HeatmapStyle = Literal["overlay", "heatmap", "mask"]
+ImageKind = Literal["patch", "source", "activation"]
+
+
+class Size(BaseModel):
+    width: int
+    height: int
+
+
+class Box(BaseModel):
+    """A 95th-percentile box in the oriented image's pixels; x1, y1 are exclusive."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+
+
+class LatentCell(BaseModel):
+    """A cell of the model's latent grid (row h, column w)."""
+
+    h: int
+    w: int
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    manifest_sha256: str
+
+
+class ImageInfo(BaseModel):
+    """The upload as received, after EXIF orientation, and the size heatmaps are drawn at."""
+
+    sha256: str
+    format: str
+    mode: str = Field(description="the file's own pixel mode: RGB, RGBA, P, L, I;16, CMYK ...")
+    received: Size = Field(description="as stored in the file, before EXIF orientation")
+    oriented: Size = Field(description="after EXIF orientation; boxes use these pixels")
+    display: Size = Field(description="size of heatmap PNGs (the oriented size, capped)")
+    exif_orientation: int = 1
+    frames: int = Field(default=1, description="> 1 for animations; only the first frame is used")
+
+
+class ClassScore(BaseModel):
+    class_index: int
+    label: str
+    logit: float
+    probability: float
+
+
+class Prediction(ClassScore):
+    """The top class."""
+
+
+class SheetRow(BaseModel):
+    """One prototype's contribution: points = similarity x weight."""
+
+    prototype: int
+    similarity: float
+    weight: float
+    points: float
+
+
+class ScoringSheet(BaseModel):
+    """Why a class got its logit: its own prototypes' points, sorted, then the totals.
+
+    ``total`` = ``own_total`` + ``other_total`` = the class's logit; other classes'
+    prototypes usually contribute little after last-layer training.
+    """
+
+    class_index: int
+    label: str
+    logit: float
+    rows: list[SheetRow] = Field(description="this class's own prototypes, most points first")
+    own_total: float
+    other_prototypes: int = Field(description="prototypes of other classes, summed below")
+    other_total: float
+    total: float
+
+
+class TopPrototype(BaseModel):
+    """One of the most activated prototypes over all classes (the paper's local analysis)."""
+
+    rank: int
+    prototype: int
+    class_index: int
+    label: str
+    similarity: float
+    latent_cell: LatentCell
+
+
+class HeatmapLinks(BaseModel):
+    overlay: str = Field(description="JET over the image, the paper's 0.5/0.3 blend")
+    heatmap: str = Field(description="RGBA, alpha = activation, for front-ends to overlay")
+    mask: str = Field(description="white where the map is >= its 95th percentile")
+
+
+class PrototypeLinks(BaseModel):
+    patch: str
+    source: str
+    activation: str
+
+
+class ShownPrototype(BaseModel):
+    """A prototype that appears in the explanation, with where it fired on the image."""
+
+    prototype: int
+    class_index: int
+    label: str
+    similarity: float
+    box: Box
+    peak: Point = Field(description="maximum of the upsampled map, oriented image pixels")
+    heatmap: HeatmapLinks | None = Field(default=None, description="with heatmaps=url")
+    heatmap_png: str | None = Field(
+        default=None, description="with heatmaps=inline: base64 overlay PNG"
+    )
+    prototype_images: PrototypeLinks
+
+
+class ExplanationLinks(BaseModel):
+    self: str
+    boxes: str
+    report: str
+
+
+class ExplainResponse(BaseModel):
+    """This looks like that: the prediction, its scoring sheets and where prototypes fired."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    model: ModelRef
+    image: ImageInfo
+    prediction: Prediction
+    top_classes: list[ClassScore]
+    scoring_sheets: list[ScoringSheet]
+    top_prototypes: list[TopPrototype]
+    prototypes: list[ShownPrototype]
+    heatmaps: HeatmapMode = "url"
+    links: ExplanationLinks
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: ModelRef
+    image: ImageInfo
+    prediction: Prediction
+    top_classes: list[ClassScore]
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+class ModelListEntry(BaseModel):
+    name: str
+    versions: list[str]
+    aliases: dict[str, str]
+    loaded: list[str] = Field(description="versions loaded in this replica")
+
+
+class ModelList(BaseModel):
+    default_model: str
+    models: list[ModelListEntry]
+
+
+class ModelDetail(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+    manifest_sha256: str | None = None
+    aliases: list[str]
+    trunk: str
+    image_size: int
+    num_classes: int
+    classes: list[str]
+    num_prototypes: int
+    prototypes_per_class: dict[str, int]
+    prototype_shape: list[int]
+    activation: str
+    preprocessing: dict
+    metrics: dict
+    accuracy: float | None = Field(default=None, description="test accuracy, else validation")
+    created_at: str
+    source: str
+
+
+class PrototypeInfo(BaseModel):
+    prototype: int
+    class_index: int
+    label: str
+    source_image_id: str | None = None
+    source_size: Size | None = None
+    latent_cell: LatentCell | None = None
+    box: Box | None = None
+    distance: float | None = None
+    pruned: bool = False
+    images: PrototypeLinks | None = None
+
+
+class PrototypeList(BaseModel):
+    name: str
+    version: str
+    prototypes: list[PrototypeInfo]
+
+
+# -- health ---------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(BaseModel):
+    """ready: models loaded and warmed up, Redis reachable. degraded: ready, but Redis is
+    unreachable and explanations are cached in this replica only. starting / failed: 503."""
+
+    status: Literal["ready", "degraded", "starting", "failed"]
+    models: list[str]
+    cache: Literal["ok", "degraded", "local"]
+    detail: str | None = None
+
+
+# -- KServe v1 ------------------------------------------------------------------------
+
+
+class KServeB64(BaseModel):
+    b64: str
+
+
+class KServeInstance(BaseModel):
+    """One image: {"b64": ...}, {"image": {"b64": ...}} or {"image_bytes": {"b64": ...}}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    b64: str | None = None
+    image: KServeB64 | None = None
+    image_bytes: KServeB64 | None = None
+
+
+class KServeRequest(BaseModel):
+    """KServe v1 protocol: {"instances": [...]}, each a base64 string or an object."""
+
+    instances: list[KServeInstance | str] = Field(min_length=1)
+    parameters: dict[str, int | str] | None = Field(
+        default=None, description="top_classes, top_prototypes, heatmaps"
+    )
+
+
+class KServePredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    predictions: list[PredictResponse]
+
+
+class KServeExplainResponse(BaseModel):
+    model_name: str
+    model_version: str
+    explanations: list[ExplainResponse]

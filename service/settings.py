@@ -1,0 +1,83 @@
+"""The service's configuration: one pydantic-settings class, environment prefix PROTOPNET_.
+
+Lists (models, API keys, CORS origins) are read from comma-separated variables, e.g.
+``PROTOPNET_API_KEYS=key1,key2``; JSON arrays work too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every knob of the explanation service. Architecture and training settings live
+    with the model in the store, never here."""
+
+    model_config = SettingsConfigDict(env_prefix="PROTOPNET_", extra="ignore")
+
+    # -- models ---------------------------------------------------------------------
+    store: Path = Path("store")  # the model store's root folder (a volume in Docker)
+    default_model: str = "fashion"  # name, name@version or name@alias
+    # Loaded and warmed up at start-up (default: the default model). Others load on demand.
+    models: CommaList = Field(default_factory=list)
+    max_loaded_models: int = Field(default=4, ge=1)  # least recently used ones are unloaded
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1" ...
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    # -- batching -------------------------------------------------------------------
+    max_batch: int = Field(default=16, ge=1, le=1024)
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)  # how long a batch waits to fill
+    max_queue: int = Field(default=256, ge=1)  # images waiting per model; beyond it -> 503
+    worker_threads: int = Field(default=4, ge=1)  # decoding, upsampling and PNG encoding
+
+    # -- explanations ---------------------------------------------------------------
+    max_map_side: int = Field(default=512, ge=16, le=4096)  # heatmap/display size cap, pixels
+    default_top_classes: int = Field(default=3, ge=1)
+    default_top_prototypes: int = Field(default=10, ge=1)
+    max_top_classes: int = Field(default=50, ge=1)
+    max_top_prototypes: int = Field(default=200, ge=1)
+    report_rows: int = Field(default=10, ge=1)  # rows per class on the report page
+
+    # -- limits ---------------------------------------------------------------------
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)  # 10 MiB
+    max_image_pixels: int = Field(default=40_000_000, ge=64)  # also Pillow's bomb threshold
+    max_instances: int = Field(default=16, ge=1)  # images per KServe-style request
+
+    # -- cache ----------------------------------------------------------------------
+    redis_url: str | None = None  # e.g. redis://redis:6379/0; None: in-process cache only
+    cache_ttl_s: int = Field(default=3600, ge=1)
+    local_cache_entries: int = Field(default=256, ge=1)
+    local_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+    redis_retry_s: float = Field(default=2.0, gt=0)  # reconnect attempt interval while degraded
+
+    # -- HTTP -----------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: CommaList = Field(default_factory=list)  # empty: no key needed
+    api_key_header: str = "X-API-Key"
+    cors_origins: CommaList = Field(default_factory=list)
+    graceful_shutdown_s: int = Field(default=30, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        if isinstance(v, str):
+            s = v.strip()
+            if s.startswith("["):
+                import json
+
+                return json.loads(s)
+            return [x.strip() for x in s.split(",") if x.strip()]
+        return v
+
+    def startup_models(self) -> list[str]:
+        """The model references loaded at start-up, the default first."""
+        return list(dict.fromkeys([self.default_model, *self.models]))

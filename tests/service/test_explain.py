@@ -1,0 +1,298 @@
+"""POST /explain and /predict through a real uvicorn process and a real Redis, checked
+against brute-force references computed here from the published model."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_store import ModelStore
+from protopnet.preprocess import eval_transform, to_model_mode
+from tests.protopnet.reference import logits_from_min_distances, patch_distances, percentile_box
+from tests.service.conftest import RedisProcess, encode, metric_value
+from tests.service.store_builder import fashion_available, fashion_test_images
+
+needs_fashion = pytest.mark.skipif(
+    not fashion_available(), reason="Fashion-MNIST not installed (scripts/system-deps.sh)"
+)
+
+
+def reference(store_root: Path, ref: str, img: Image.Image) -> dict[str, np.ndarray]:
+    """Brute force: loop distances, similarities, logits; cv2 bicubic upsampled maps."""
+    loaded = ModelStore(store_root).load(ref)
+    model, prep = loaded.model, loaded.manifest.preprocessing
+    x = eval_transform(prep)(to_model_mode(img, prep))[None]
+    with torch.no_grad():
+        z = model.conv_features(x).numpy()  # (1, D, H, W)
+    protos = model.prototype_vectors.detach().numpy()
+    d = patch_distances(z, protos)[0]  # (P, H', W')
+    min_d = d.reshape(d.shape[0], -1).min(axis=1)
+    w = model.last_layer.weight.detach().numpy()
+    logits = logits_from_min_distances(min_d[None], w, "log")[0]
+    sim_maps = np.log((d + 1) / (d + 1e-4))  # (P, H', W')
+    return {"logits": logits, "sims": sim_maps.reshape(len(d), -1).max(1), "maps": sim_maps}
+
+
+def post_image(client: httpx.Client, data: bytes, ctype: str = "image/png", **params: object):
+    return client.post("/explain", content=data, headers={"Content-Type": ctype}, params=params)
+
+
+def check_sheets(body: dict, ref_logits: np.ndarray | None = None) -> None:
+    """Every class total equals its logit; rows are the class's own, sorted by points."""
+    logits = {c["class_index"]: c["logit"] for c in body["top_classes"]}
+    assert [s["class_index"] for s in body["scoring_sheets"]] == list(logits)
+    for sheet in body["scoring_sheets"]:
+        k = sheet["class_index"]
+        assert sheet["total"] == pytest.approx(logits[k], abs=1e-4)
+        assert sheet["logit"] == pytest.approx(logits[k], abs=1e-6)
+        rows = sheet["rows"]
+        assert sum(r["points"] for r in rows) == pytest.approx(sheet["own_total"], abs=1e-6)
+        assert sheet["own_total"] + sheet["other_total"] == pytest.approx(sheet["total"], abs=1e-6)
+        pts = [r["points"] for r in rows]
+        assert pts == sorted(pts, reverse=True)
+        for r in rows:
+            assert r["points"] == pytest.approx(r["similarity"] * r["weight"], rel=1e-5, abs=1e-6)
+        if ref_logits is not None:
+            assert sheet["total"] == pytest.approx(ref_logits[k], abs=1e-3)
+
+
+def png_of(client: httpx.Client, url: str) -> Image.Image:
+    r = client.get(url)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(r.content))
+    img.load()
+    return img
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def to_original(box: tuple[int, int, int, int], scale: tuple[float, float], size) -> tuple:
+    """Display-pixel box -> original pixels, grown outward (as the explainer does)."""
+    sx, sy = scale
+    x0, y0, x1, y1 = box
+    return (
+        int(np.floor(x0 * sx)),
+        int(np.floor(y0 * sy)),
+        min(int(np.ceil(x1 * sx)), size[0]),
+        min(int(np.ceil(y1 * sy)), size[1]),
+    )
+
+
+def test_explains_a_real_photograph(client, store_root, photo_images) -> None:
+    # Rotated a little, so no latent patch is exactly a prototype: near distance 0 the log
+    # similarity amplifies float32 rounding, and the loop reference runs in float64.
+    img = photo_images["cat"].rotate(3)
+    r = post_image(client, encode(img, "PNG"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["name"] == "photo" and body["model"]["version"] == "1"
+    assert body["image"]["received"] == {"width": 451, "height": 300}
+    assert body["image"]["display"] == body["image"]["oriented"]
+    ref = reference(store_root, "photo@1", img)
+    # Logits and probabilities against the loop reference.
+    for c in body["top_classes"]:
+        assert c["logit"] == pytest.approx(ref["logits"][c["class_index"]], abs=1e-3)
+    probs = torch.tensor(ref["logits"]).softmax(0).numpy()
+    assert body["prediction"]["class_index"] == int(ref["logits"].argmax())
+    assert body["prediction"]["probability"] == pytest.approx(probs.max(), abs=1e-4)
+    check_sheets(body, ref["logits"])
+    for sheet in body["scoring_sheets"]:
+        for row in sheet["rows"]:
+            assert row["similarity"] == pytest.approx(ref["sims"][row["prototype"]], abs=1e-3)
+    # Boxes: the reference upsamples with OpenCV's bicubic on the letterbox square (pad:
+    # the 451 x 451 input square sits 75 px above the 300 px tall image).
+    shown = {p["prototype"]: p for p in body["prototypes"]}
+    assert set(p["prototype"] for p in body["top_prototypes"]) <= set(shown)
+    for j, p in shown.items():
+        full = cv2.resize(
+            ref["maps"][j].astype(np.float32), (451, 451), interpolation=cv2.INTER_CUBIC
+        )
+        expect = percentile_box(full[75:375])
+        got = p["box"]
+        assert np.allclose([got["x0"], got["y0"], got["x1"], got["y1"]], expect, atol=1), (j, got)
+        assert got["x0"] <= p["peak"]["x"] < got["x1"] and got["y0"] <= p["peak"]["y"] < got["y1"]
+
+
+def test_a_prototype_matches_its_own_source_photograph(client, photo_images) -> None:
+    """Prototypes were pushed onto latent patches of these photographs: the source image
+    gives its prototypes the largest similarity, log(1 / eps), at the recorded cell."""
+    body = post_image(client, encode(photo_images["cat"], "PNG"), top_prototypes=3).json()
+    assert body["prediction"]["label"] == "cat"
+    cells = {1: (8, 8), 0: (5, 6), 2: (10, 11)}  # store_builder's push cells of cat
+    for top in body["top_prototypes"]:
+        assert top["label"] == "cat"
+        assert top["similarity"] > 8.5  # log(1 / 1e-4) = 9.21 up to float32 rounding
+        cell = top["latent_cell"]
+        assert (cell["h"], cell["w"]) == cells[top["prototype"]]
+
+
+def test_every_box_is_the_percentile_box_of_its_heatmap(client, photo_images) -> None:
+    """Coffee is 600 x 400: heatmaps are drawn at 512 x 341, boxes are in 600 x 400."""
+    r = post_image(client, encode(photo_images["coffee"], "PNG"), top_prototypes=4)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    disp = body["image"]["display"]
+    assert (disp["width"], disp["height"]) == (512, 341)
+    size = (600, 400)
+    scale = (600 / 512, 400 / 341)
+    for p in body["prototypes"]:
+        urls = p["heatmap"]
+        mask = png_of(client, urls["mask"])
+        overlay = png_of(client, urls["overlay"])
+        heat = png_of(client, urls["heatmap"])
+        assert mask.size == overlay.size == heat.size == (512, 341)
+        assert (mask.mode, overlay.mode, heat.mode) == ("L", "RGB", "RGBA")
+        m = np.asarray(mask)
+        assert set(np.unique(m)) <= {0, 255}
+        b = p["box"]
+        assert to_original(mask_box(m), scale, size) == (b["x0"], b["y0"], b["x1"], b["y1"])
+        # The RGBA heatmap's alpha is the activation: its peak lies in the mask.
+        alpha = np.asarray(heat)[..., 3]
+        y, x = np.unravel_index(alpha.argmax(), alpha.shape)
+        assert m[y, x] == 255
+    boxes = png_of(client, body["links"]["boxes"])
+    assert boxes.size == (512, 341) and boxes.mode == "RGB"
+
+
+@needs_fashion
+def test_explains_a_demo_model_image(client, store_root) -> None:
+    imgs, _ = fashion_test_images(3)
+    for arr in imgs:
+        img = Image.fromarray(arr, "L")
+        r = post_image(client, encode(img, "PNG"), model="fashion", top_classes=10)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"]["name"] == "fashion"
+        assert len(body["scoring_sheets"]) == 10
+        ref = reference(store_root, "fashion@1", img)
+        check_sheets(body, ref["logits"])
+        # 28 x 28 "stretch": display = original, reference box straight from OpenCV.
+        for p in body["prototypes"]:
+            full = cv2.resize(
+                ref["maps"][p["prototype"]].astype(np.float32),
+                (28, 28),
+                interpolation=cv2.INTER_CUBIC,
+            )
+            b = p["box"]
+            assert np.allclose([b["x0"], b["y0"], b["x1"], b["y1"]], percentile_box(full), atol=1)
+            m = np.asarray(png_of(client, p["heatmap"]["mask"]))
+            assert mask_box(m) == (b["x0"], b["y0"], b["x1"], b["y1"])
+
+
+def test_same_image_twice_is_a_cache_hit(client, redis_server: RedisProcess, photo_images) -> None:
+    data = encode(photo_images["person"].resize((256, 256)), "JPEG", quality=90)
+    before = client.get("/metrics").text
+    first = post_image(client, data, "image/jpeg")
+    second = post_image(client, data, "image/jpeg")
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-cache"] == "miss" and second.headers["x-cache"] == "hit"
+    assert first.json() == second.json()
+    after = client.get("/metrics").text
+    assert metric_value(after, "protopnet_cache_hits_total") > metric_value(
+        before, "protopnet_cache_hits_total"
+    )
+    assert metric_value(after, "protopnet_cache_misses_total") > metric_value(
+        before, "protopnet_cache_misses_total"
+    )
+    # The explanation lives in Redis, with a TTL, for every replica.
+    eid = first.json()["id"]
+    r = redis_server.client()
+    key = f"protopnet:exp:{eid}"
+    assert set(r.hkeys(key)) >= {b"json", b"render", b"image"}
+    assert 0 < r.ttl(key) <= 3600
+    # Other options are another explanation.
+    third = post_image(client, data, "image/jpeg", top_prototypes=3)
+    assert third.headers["x-cache"] == "miss" and third.json()["id"] != eid
+    assert len(third.json()["top_prototypes"]) == 3
+
+
+def test_get_explanation_returns_the_same_json(client, photo_images) -> None:
+    r = post_image(client, encode(photo_images["cat"].resize((120, 80)), "PNG"))
+    body = r.json()
+    again = client.get(body["links"]["self"])
+    assert again.status_code == 200 and again.json() == body
+
+
+def test_heatmaps_inline_and_none(client, photo_images) -> None:
+    data = encode(photo_images["coffee"].resize((90, 60)), "PNG")
+    inline = post_image(client, data, heatmaps="inline").json()
+    assert inline["heatmaps"] == "inline"
+    for p in inline["prototypes"]:
+        png = Image.open(io.BytesIO(base64.b64decode(p["heatmap_png"])))
+        assert png.format == "PNG" and png.size == (90, 60)
+    none = post_image(client, data, heatmaps="none").json()
+    assert none["heatmaps"] == "none" and none["id"] == inline["id"]
+    assert all(p["heatmap"] is None and p["heatmap_png"] is None for p in none["prototypes"])
+
+
+def test_multipart_upload_with_form_options(client, photo_images) -> None:
+    data = encode(photo_images["person"].resize((64, 64)), "PNG")
+    r = client.post(
+        "/explain",
+        files={"image": ("a.png", data, "image/png")},
+        data={"top_classes": "2", "top_prototypes": "5"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["top_classes"]) == 2 and len(body["top_prototypes"]) == 5
+    # A query option wins over the same form field.
+    r2 = client.post(
+        "/explain?top_classes=1",
+        files={"image": ("a.png", data, "image/png")},
+        data={"top_classes": "2"},
+    )
+    assert len(r2.json()["top_classes"]) == 1
+
+
+def test_predict_matches_explain(client, store_root, photo_images) -> None:
+    img = photo_images["person"].resize((200, 200))
+    data = encode(img, "PNG")
+    pred = client.post("/predict", content=data, headers={"Content-Type": "image/png"})
+    assert pred.status_code == 200, pred.text
+    p = pred.json()
+    assert set(p) == {"model", "image", "prediction", "top_classes"}
+    ref = reference(store_root, "photo@1", img)
+    for c in p["top_classes"]:
+        assert c["logit"] == pytest.approx(ref["logits"][c["class_index"]], abs=1e-3)
+    assert p["prediction"]["class_index"] == int(ref["logits"].argmax())
+
+
+def test_kserve_aliases(client, photo_images) -> None:
+    imgs = [encode(photo_images[k].resize((64, 64)), "PNG") for k in ("cat", "coffee")]
+    payload = {
+        "instances": [
+            base64.b64encode(imgs[0]).decode(),
+            {"b64": base64.b64encode(imgs[1]).decode()},
+        ],
+        "parameters": {"top_classes": 2},
+    }
+    r = client.post("/v1/models/photo:predict", json=payload)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == "photo" and len(body["predictions"]) == 2
+    assert all(len(p["top_classes"]) == 2 for p in body["predictions"])
+    e = client.post("/v1/models/photo@1:explain", json=payload)
+    assert e.status_code == 200, e.text
+    exps = e.json()["explanations"]
+    assert len(exps) == 2
+    for x in exps:
+        check_sheets(x)
+    # The same explanation as POST /explain with the same options.
+    direct = post_image(client, imgs[1], top_classes=2).json()
+    assert direct["id"] == exps[1]["id"]
+    bad = client.post("/v1/models/photo:predict", json={"instances": ["not base64!"]})
+    assert bad.status_code == 422 and "instances[0]" in bad.json()["error"]["message"]
+    unknown = client.post("/v1/models/nope:predict", json=payload)
+    assert unknown.status_code == 404 and "photo" in unknown.json()["error"]["message"]
