@@ -176,9 +176,9 @@ async def _parse_multipart(request: Request, body: bytes, limit: int) -> Upload:
 
 
 class ExplainOptions(BaseModel):
-    model: str | None = Field(None, description="name, name@version or name@alias")
-    top_classes: int = Field(3, ge=1)
-    top_prototypes: int = Field(10, ge=1)
+    model: str | None = Field(default=None, description="name, name@version or name@alias")
+    top_classes: int = 3  # range-checked against the settings in resolve_options
+    top_prototypes: int = 10
     heatmaps: HeatmapMode = "url"
 
 

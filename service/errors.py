@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model_store.errors import InvalidNameError
 from protopnet.errors import ProtoPNetError, UnknownNameError
 
 log = logging.getLogger("service")
@@ -140,6 +141,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownNameError)
     async def _unknown(request: Request, exc: UnknownNameError) -> JSONResponse:
         return error_response(request, 404, f"unknown_{exc.kind}", str(exc))
+
+    @app.exception_handler(InvalidNameError)
+    async def _bad_name(request: Request, exc: InvalidNameError) -> JSONResponse:
+        return error_response(request, 422, "invalid_option", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import cv2
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -20,8 +21,30 @@ _env = Environment(
 )
 
 
+THUMB_SIDE = 240  # px; rows show 7rem images, this keeps print sharp and pages small
+
+
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def thumbnail(image: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
+    """Shrink (never enlarge) so the longer side is at most ``side`` pixels."""
+    h, w = image.shape[:2]
+    if max(h, w) <= side:
+        return image
+    s = side / max(h, w)
+    return cv2.resize(
+        image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA
+    )
+
+
+def png_thumbnail(png: bytes) -> bytes:
+    """A store PNG, shrunk for the page when it is large."""
+    arr = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if arr is None or max(arr.shape[:2]) <= THUMB_SIDE:
+        return png
+    return encode_png(thumbnail(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)))
 
 
 @dataclass
@@ -67,7 +90,7 @@ def render_report(
             if r.prototype in rd.shown:
                 box = render.box_crop(rd, image, r.prototype)
                 if box.size:
-                    crop_uri = data_uri(encode_png(box))
+                    crop_uri = data_uri(encode_png(thumbnail(box)))
             patch = patches.get(r.prototype)
             rows.append(
                 ReportRow(
@@ -76,7 +99,7 @@ def render_report(
                     weight=r.weight,
                     points=r.points,
                     crop_uri=crop_uri,
-                    patch_uri=data_uri(patch) if patch else None,
+                    patch_uri=data_uri(png_thumbnail(patch)) if patch else None,
                 )
             )
         shown_total = sum(r.points for r in sheet.rows[:rows_per_class])

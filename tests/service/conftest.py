@@ -7,7 +7,6 @@ need other settings start their own with ``start_redis`` / ``start_server``.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import socket
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.service.corpus import encode
 from tests.service.store_builder import build_store, fashion_available, photos
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,12 +195,6 @@ def client(server: ServerProcess) -> Iterator[httpx.Client]:
 
 
 # -- images ---------------------------------------------------------------------------
-
-
-def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")
