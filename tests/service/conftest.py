@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.corpus import encode
 from tests.service.store_builder import build_store, fashion_available, photos
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,8 @@ from PIL import Image
 from model_store import ModelStore
 from protopnet.preprocess import eval_transform, to_model_mode
 from tests.protopnet.reference import logits_from_min_distances, patch_distances, percentile_box
-from tests.service.conftest import RedisProcess, encode, metric_value
+from tests.service.conftest import RedisProcess, metric_value
+from tests.service.corpus import encode
 from tests.service.store_builder import fashion_available, fashion_test_images
 
 needs_fashion = pytest.mark.skipif(
