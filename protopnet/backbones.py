@@ -172,9 +172,11 @@ def _torchvision_model(arch: str, weights: str | None) -> nn.Module:
 _VGG_CFGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"] + [512, 512, 512, "M"] * 2,
-    "vgg19": [64, 64, "M", 128, 128, "M"] + [256] * 4 + ["M"] + ([512] * 4 + ["M"]) * 2,
-}
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}  # fmt: skip
 
 
 def _vgg_features(arch: str) -> nn.Sequential:
@@ -189,6 +191,7 @@ def _vgg_features(arch: str) -> nn.Sequential:
             continue
         conv = nn.Conv2d(c_in, int(v), kernel_size=3, padding=1)
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        assert conv.bias is not None
         nn.init.zeros_(conv.bias)
         layers += [conv, nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)] if batch_norm else [
             conv, nn.ReLU(inplace=True)
@@ -198,10 +201,12 @@ def _vgg_features(arch: str) -> nn.Sequential:
 
 
 class VGGTrunk(Trunk):
+    features: nn.Module
+
     def __init__(self, arch: str, weights: str | None):
         super().__init__()
         if weights == "imagenet":
-            self.features = _torchvision_model(arch, weights).features
+            self.features = _torchvision_model(arch, weights).features  # type: ignore[assignment]
         else:
             self.features = _vgg_features(arch)  # all five max pools: 224 px -> 7 x 7
             if weights is not None:  # a full VGG state_dict: classifier keys are ignored
@@ -213,12 +218,23 @@ class VGGTrunk(Trunk):
 
 
 class ResNetTrunk(Trunk):
+    conv1: nn.Module
+    bn1: nn.Module
+    relu: nn.Module
+    maxpool: nn.Module
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+    layer4: nn.Module
+
     def __init__(self, arch: str, weights: str | None):
         super().__init__()
         net = _torchvision_model(arch, weights)
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(net, name))
-        self.out_channels = net.fc.in_features
+        fc = net.fc
+        assert isinstance(fc, nn.Linear)
+        self.out_channels = fc.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -228,11 +244,15 @@ class ResNetTrunk(Trunk):
 class DenseNetTrunk(Trunk):
     """DenseNet features end with norm5; the trunk adds the ReLU the classifier applied."""
 
+    features: nn.Module
+
     def __init__(self, arch: str, weights: str | None):
         super().__init__()
         net = _torchvision_model(arch, weights)
-        self.features = net.features
-        self.out_channels = net.classifier.in_features
+        self.features = net.features  # type: ignore[assignment]
+        classifier = net.classifier
+        assert isinstance(classifier, nn.Linear)
+        self.out_channels = classifier.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.features(x))

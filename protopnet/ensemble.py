@@ -21,6 +21,11 @@ class ProtoPNetEnsemble(nn.Module):
             raise ValueError(f"members disagree on the number of classes: {sorted(ks)}")
         self.members = nn.ModuleList(members)
 
+    @property
+    def models(self) -> list[ProtoPNet]:
+        """The members, typed (an nn.ModuleList only knows it holds modules)."""
+        return [m for m in self.members if isinstance(m, ProtoPNet)]
+
     def _batches(self, inputs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
         if not isinstance(inputs, list):
             return [inputs] * len(self.members)
@@ -34,7 +39,7 @@ class ProtoPNetEnsemble(nn.Module):
     def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """inputs: one (B, 3, S, S) batch for all, or one batch per member -> (B, K)."""
         batches = self._batches(inputs)
-        return torch.stack([m(x)[0] for m, x in zip(self.members, batches, strict=True)]).sum(0)
+        return torch.stack([m(x)[0] for m, x in zip(self.models, batches, strict=True)]).sum(0)
 
     @torch.inference_mode()
     def scoring_sheet(self, inputs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -42,7 +47,7 @@ class ProtoPNetEnsemble(nn.Module):
         prototypes they give the ensemble's logits."""
         batches = self._batches(inputs)
         sheets = []
-        for m, x in zip(self.members, batches, strict=True):
+        for m, x in zip(self.models, batches, strict=True):
             _, min_d = m(x)
             sims = m.similarity(min_d)  # (B, P_m)
             sheets.append(sims.unsqueeze(1) * m.last_layer.weight.unsqueeze(0))

@@ -49,6 +49,7 @@ def build_add_on_layers(in_channels: int, depth: int, kind: str) -> nn.Sequentia
     for m in layers:
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            assert m.bias is not None
             nn.init.zeros_(m.bias)
     return nn.Sequential(*layers)
 
@@ -103,6 +104,11 @@ class ProtoPNetOutput:
 
 
 class ProtoPNet(nn.Module):
+    """f (trunk) -> add-on layers -> prototype layer g_p -> last layer h (no bias)."""
+
+    ones: torch.Tensor  # (P, D, h1, w1) buffer, reference name
+    prototype_class_identity: torch.Tensor  # (P, K) one-hot, not saved
+
     def __init__(self, config: ProtoPNetConfig, trunk: Trunk):
         super().__init__()
         self.config = config

@@ -23,7 +23,7 @@ def normalize_map(m: np.ndarray) -> np.ndarray:
 
 def jet(m01: np.ndarray) -> np.ndarray:
     """[0, 1] map -> (H, W, 3) uint8 RGB with the JET colormap."""
-    bgr = cv2.applyColorMap(np.uint8(np.round(255 * m01)), cv2.COLORMAP_JET)
+    bgr = cv2.applyColorMap(np.round(255 * m01).astype(np.uint8), cv2.COLORMAP_JET)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

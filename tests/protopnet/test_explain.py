@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from protopnet import Preprocessing, ProtoPNetConfig, PrototypeExplainer, create_model
+from protopnet import Preprocessing, PrototypeExplainer
 from protopnet.explain import (
     ImageExplanation,
     display_size,
@@ -19,6 +19,8 @@ from protopnet.explain import (
 )
 from protopnet.preprocess import eval_transform, input_region
 from tests.protopnet.reference import percentile_box
+from tests.protopnet.scenes import GREY, IMG, red_square_image
+from tests.protopnet.scenes import texture_model as make_texture_model
 
 # ---------------------------------------------------------------------------------------
 # Percentiles and boxes
@@ -85,33 +87,10 @@ def test_display_size_shrinks_only_large_images() -> None:
 # ---------------------------------------------------------------------------------------
 # The explainer on real images with a prototype that is a known texture
 
-IMG = 32  # tiny_cnn: stride 2, a 16 x 16 latent grid
-RED, GREY = (220, 30, 30), (110, 110, 110)
-
-
-def red_square_image(
-    w: int, h: int, box: tuple[int, int, int, int], mode: str = "RGB"
-) -> Image.Image:
-    img = Image.new("RGB", (w, h), GREY)
-    img.paste(Image.new("RGB", (box[2] - box[0], box[3] - box[1]), RED), box[:2])
-    return img
-
 
 @pytest.fixture(scope="module")
 def texture_model() -> torch.nn.Module:
-    """Prototype 0 = the latent vector of a plain red image: it lights up on red regions."""
-    model = create_model(
-        ProtoPNetConfig(
-            backbone="tiny_cnn", num_classes=3, prototypes_per_class=2, prototype_depth=8,
-            img_size=IMG,
-        )
-    ).eval()  # fmt: skip
-    prep = Preprocessing(img_size=IMG, mean=(0.5,) * 3, std=(0.5,) * 3)
-    red = eval_transform(prep)(Image.new("RGB", (IMG, IMG), RED))[None]
-    with torch.no_grad():
-        z = model.conv_features(red)  # (1, D, 16, 16)
-        model.prototype_vectors[0] = z[0, :, 8, 8].view(-1, 1, 1)
-    return model
+    return make_texture_model()
 
 
 def explain(
@@ -202,7 +181,8 @@ def test_red_prototype_box_and_peak_land_on_the_red_square(
     assert inside(tuple(e.peaks[i].tolist()), sq)
     box = tuple(e.boxes[i].tolist())
     assert box_within(box, sq, margin=cell_size(w, h, resize))
-    assert float(e.similarities[0]) > 8.0  # the square contains the exact texture
+    # Cells whose receptive field is mostly red: far above plain grey's similarity (~0.9).
+    assert float(e.similarities[0]) > 3.0
     check_boxes_and_peaks_follow_the_maps(e, resize)
 
 

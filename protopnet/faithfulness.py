@@ -1,0 +1,300 @@
+"""Checks on how faithful an explanation is, beyond the paper's upsampled activation maps.
+
+Three optional, offline tools (nothing here runs on the default explanation path):
+
+- ``deletion_scores``: blank the pixels of a prototype's box on the model input (set them
+  to the preprocessing's mean, i.e. 0 after normalisation), re-run the model and report
+  the similarity after / before at the same latent location. A box that really holds what
+  drives the similarity makes it drop: lower is more faithful (Xu-Darme et al., "Sanity
+  checks for patch visualisation in prototype-based image classification", 2023).
+- ``SmoothGrad``: the gradient of a prototype's similarity score with respect to the
+  input, averaged over noisy copies of the image. An alternative activation map with the
+  (N, S, S) shape of ``upsampled_input_maps``, so ``explain.place_maps``,
+  ``explain.percentile_boxes`` and ``visualize`` take either.
+- ``collapsed_prototypes``: pairs of same-class prototypes whose vectors are (nearly)
+  identical, typically because push projected both onto the same training patch.
+
+Shapes: S model input side, P prototypes, N prototypes asked about, (H', W') latent grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from protopnet.errors import ShapeError
+from protopnet.explain import percentile_boxes, upsample_maps
+from protopnet.model import ProtoPNet, distance_to_similarity
+
+
+def _check_inputs(model: ProtoPNet, image: torch.Tensor, prototypes: Sequence[int]) -> torch.Tensor:
+    """(3, S, S) or (1, 3, S, S) -> (1, 3, S, S) on the model's device; indices checked."""
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ShapeError(
+            f"expected one preprocessed image of shape (3, S, S), got {tuple(image.shape)}"
+        )
+    P = model.num_prototypes
+    bad = [j for j in prototypes if not 0 <= int(j) < P]
+    if bad:
+        raise ValueError(f"prototype indices {bad[:5]} outside 0..{P - 1}")
+    if len(prototypes) == 0:
+        raise ValueError("no prototypes given")
+    return image.unsqueeze(0).to(model.ones.device)
+
+
+@contextmanager
+def _eval_mode(model: ProtoPNet) -> Iterator[None]:
+    """Batch norm must use its running statistics: a batch of noisy or blanked copies of
+    one image would otherwise normalise by its own statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _log_similarity(model: ProtoPNet, d: torch.Tensor) -> torch.Tensor:
+    """The paper's log similarity of distances, whatever the model's own activation, so
+    ratios are positive and comparable across models ("linear" gives -d < 0)."""
+    return distance_to_similarity(d, "log", model.config.epsilon)
+
+
+# ---------------------------------------------------------------------------------------
+# Maps at the model's input resolution
+
+
+@torch.no_grad()
+def upsampled_input_maps(
+    model: ProtoPNet, image: torch.Tensor, prototypes: Sequence[int]
+) -> torch.Tensor:
+    """The paper's activation maps at input resolution: each prototype's (H', W')
+    similarity map, bicubically upsampled to (S, S). Returns (N, S, S) on the CPU."""
+    x = _check_inputs(model, image, prototypes)
+    with _eval_mode(model):
+        d = model.distances(model.conv_features(x))[0]  # (P, H', W')
+    sim = model.similarity(d[list(prototypes)]).float().cpu()  # (N, H', W')
+    return upsample_maps(sim, (x.shape[2], x.shape[3]))
+
+
+class SmoothGrad:
+    """SmoothGrad (Smilkov et al. 2017) of prototype similarity scores.
+
+    For prototype j read at latent cell (h, w), the map is the mean over ``samples`` noisy
+    copies x + e, e ~ N(0, sigma^2), of |d sim_j(h, w) / d x| summed over colour channels.
+    sigma = ``noise`` x (max - min of the input), as in the SmoothGrad paper. The cell is
+    the prototype's closest patch on the clean image unless given, so the map explains the
+    same number as the scoring sheet. Every prototype sees the same noise draws (seeded),
+    so maps of one image are comparable and reproducible.
+
+    Cost: N x samples forward and backward passes, in batches of ``batch_size``. Not for
+    the default request path.
+    """
+
+    def __init__(
+        self,
+        model: ProtoPNet,
+        samples: int = 16,
+        noise: float = 0.15,
+        batch_size: int = 32,
+        seed: int = 0,
+    ):
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        if noise < 0:
+            raise ValueError(f"noise must be >= 0 (a fraction of the input range), got {noise}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.samples = samples
+        self.noise = noise
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def noise_draws(self, image: torch.Tensor) -> torch.Tensor:
+        """(samples, 3, S, S) noise, the same on every call for the same image shape."""
+        gen = torch.Generator().manual_seed(self.seed)
+        sigma = self.noise * float(image.max() - image.min())
+        return torch.randn((self.samples, *image.shape[-3:]), generator=gen) * sigma
+
+    def attribute(
+        self,
+        image: torch.Tensor,
+        prototypes: Sequence[int],
+        locations: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """image: (3, S, S) preprocessed; locations: (N, 2) latent (h, w) or None.
+        Returns (N, S, S) float maps on the CPU (>= 0)."""
+        x = _check_inputs(self.model, image, prototypes)
+        protos = torch.tensor([int(j) for j in prototypes], dtype=torch.long)
+        N, n = len(protos), self.samples
+        with _eval_mode(self.model):
+            if locations is None:
+                with torch.no_grad():
+                    d = self.model.distances(self.model.conv_features(x))[0]  # (P, H', W')
+                locations = _argmin_hw(d[protos.to(d.device)])
+            locations = locations.to(torch.long).cpu()  # (N, 2)
+            noisy = x + self.noise_draws(x).to(x.device)  # (n, 3, S, S)
+            # Row r of the flattened (N * n) work list: prototype r // n, noise draw r % n.
+            grads = torch.zeros((N * n, x.shape[2], x.shape[3]))
+            for start in range(0, N * n, self.batch_size):
+                rows = torch.arange(start, min(start + self.batch_size, N * n))
+                which, draw = rows // n, rows % n
+                batch = noisy[draw.to(x.device)].detach().requires_grad_(True)  # (b, 3, S, S)
+                with torch.enable_grad():
+                    d = self.model.distances(self.model.conv_features(batch))  # (b, P, H', W')
+                    j = protos[which].to(d.device)
+                    h, w = (locations[which, k].to(d.device) for k in (0, 1))
+                    picked = d[torch.arange(len(rows), device=d.device), j, h, w]  # (b,)
+                    score = _log_similarity(self.model, picked).sum()
+                    # autograd.grad, not backward: parameters' .grad stay untouched.
+                    (g,) = torch.autograd.grad(score, batch)  # (b, 3, S, S)
+                grads[rows] = g.abs().sum(dim=1).float().cpu()
+        return grads.view(N, n, x.shape[2], x.shape[3]).mean(dim=1)
+
+
+def _argmin_hw(d: torch.Tensor) -> torch.Tensor:
+    """(N, H', W') distances -> (N, 2) (h, w) of each map's minimum."""
+    W = d.shape[2]
+    idx = d.flatten(1).argmin(dim=1)
+    return torch.stack([idx // W, idx % W], dim=1).cpu()
+
+
+# ---------------------------------------------------------------------------------------
+# Deletion test
+
+
+@dataclass
+class DeletionResult:
+    """Per prototype asked about: its box, where it was read, and the similarities."""
+
+    prototypes: list[int]
+    boxes: torch.Tensor  # (N, 4) blanked box (x0, y0, x1, y1) in input pixels, end exclusive
+    locations: torch.Tensor  # (N, 2) latent (h, w) where the similarity is read
+    before: torch.Tensor  # (N,) log similarity on the clean image
+    after: torch.Tensor  # (N,) log similarity with the box blanked
+
+    @property
+    def ratio(self) -> torch.Tensor:
+        """(N,) after / before: lower means the box held what drove the similarity."""
+        return self.after / self.before
+
+
+@torch.no_grad()
+def deletion_scores(
+    model: ProtoPNet,
+    image: torch.Tensor,
+    prototypes: Sequence[int],
+    boxes: torch.Tensor,
+    locations: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> DeletionResult:
+    """Blank each prototype's box (to 0, the normalised mean) and re-run, as one batch.
+
+    image: (3, S, S) preprocessed; boxes: (N, 4) input pixels (x0, y0, x1, y1), end
+    exclusive, clipped to the image; locations: (N, 2) latent (h, w), by default each
+    prototype's closest patch on the clean image.
+    """
+    x = _check_inputs(model, image, prototypes)
+    N = len(prototypes)
+    if boxes.shape != (N, 4):
+        raise ShapeError(f"expected ({N}, 4) boxes for {N} prototypes, got {tuple(boxes.shape)}")
+    S_h, S_w = x.shape[2], x.shape[3]
+    b = boxes.to(torch.long).cpu().clone()
+    b[:, [0, 2]] = b[:, [0, 2]].clamp(0, S_w)
+    b[:, [1, 3]] = b[:, [1, 3]].clamp(0, S_h)
+    protos = torch.tensor([int(j) for j in prototypes], dtype=torch.long)
+    with _eval_mode(model):
+        d0 = model.distances(model.conv_features(x))[0][protos.to(x.device)]  # (N, H', W')
+        loc = _argmin_hw(d0) if locations is None else locations.to(torch.long).cpu()
+        before = _log_similarity(model, d0[torch.arange(N), loc[:, 0], loc[:, 1]]).float().cpu()
+        # Box masks for all N at once: (N, 1, S, S), True inside the box.
+        ys = torch.arange(S_h).view(1, S_h, 1)
+        xs = torch.arange(S_w).view(1, 1, S_w)
+        inside = (
+            (ys >= b[:, 1].view(-1, 1, 1))
+            & (ys < b[:, 3].view(-1, 1, 1))
+            & (xs >= b[:, 0].view(-1, 1, 1))
+            & (xs < b[:, 2].view(-1, 1, 1))
+        ).unsqueeze(1)
+        after = torch.empty(N)
+        for start in range(0, N, batch_size):
+            sl = slice(start, min(start + batch_size, N))
+            blanked = x.cpu().masked_fill(inside[sl], 0.0).to(x.device)  # (b, 3, S, S)
+            d = model.distances(model.conv_features(blanked))  # (b, P, H', W')
+            rows = torch.arange(sl.stop - sl.start)
+            picked = d[rows, protos[sl], loc[sl, 0], loc[sl, 1]]  # (b,)
+            after[sl] = _log_similarity(model, picked).float().cpu()
+    return DeletionResult(
+        prototypes=protos.tolist(), boxes=b, locations=loc, before=before, after=after
+    )
+
+
+def deletion_test(
+    model: ProtoPNet,
+    image: torch.Tensor,
+    prototypes: Sequence[int],
+    maps: torch.Tensor,
+    q: float = 95.0,
+) -> DeletionResult:
+    """The deletion test of a kind of activation map: (N, S, S) maps at input resolution
+    (``upsampled_input_maps`` or ``SmoothGrad.attribute``) -> their q-th percentile boxes,
+    blanked one at a time."""
+    if maps.dim() != 3 or maps.shape[0] != len(prototypes):
+        raise ShapeError(
+            f"expected ({len(prototypes)}, S, S) maps, one per prototype, got {tuple(maps.shape)}"
+        )
+    if tuple(maps.shape[1:]) != tuple(image.shape[-2:]):
+        raise ShapeError(
+            f"maps of size {tuple(maps.shape[1:])} do not match the input "
+            f"{tuple(image.shape[-2:])}; pass maps at input resolution"
+        )
+    return deletion_scores(model, image, prototypes, percentile_boxes(maps.float(), q))
+
+
+# ---------------------------------------------------------------------------------------
+# Prototype collapse
+
+
+@dataclass(frozen=True)
+class CollapsedPair:
+    """Two prototypes of one class that are (nearly) the same vector."""
+
+    class_index: int
+    first: int
+    second: int
+    distance: float  # squared L2 between the two prototype vectors
+
+
+@torch.no_grad()
+def collapsed_prototypes(
+    vectors: torch.Tensor, classes: torch.Tensor, max_distance: float = 1e-6
+) -> list[CollapsedPair]:
+    """Same-class pairs (i < j) whose squared L2 distance is <= ``max_distance``.
+
+    vectors: (P, D, h1, w1) prototype vectors (e.g. after push); classes: (P,). Pairs come
+    sorted by class, then index. After push, prototypes projected onto the same training
+    patch are exactly equal, so any small threshold finds them; a larger one also flags
+    near-duplicates (features in (0, 1): squared distances range up to D x h1 x w1).
+    """
+    if vectors.shape[0] != classes.shape[0]:
+        raise ShapeError(f"{vectors.shape[0]} prototype vectors but {classes.shape[0]} classes")
+    flat = vectors.detach().flatten(1).double().cpu()  # (P, D h1 w1)
+    classes = classes.cpu()
+    pairs: list[CollapsedPair] = []
+    for k in torch.unique(classes).tolist():
+        idx = torch.nonzero(classes == k).flatten()
+        if len(idx) < 2:
+            continue
+        v = flat[idx]  # (m, F)
+        # Exact pairwise differences (no |a|^2 - 2ab + |b|^2 cancellation): m is small.
+        d = ((v.unsqueeze(1) - v.unsqueeze(0)) ** 2).sum(dim=2)  # (m, m)
+        a, b = torch.nonzero(torch.triu(d <= max_distance, diagonal=1), as_tuple=True)
+        for i, j in zip(a.tolist(), b.tolist(), strict=True):
+            pairs.append(CollapsedPair(int(k), int(idx[i]), int(idx[j]), float(d[i, j])))
+    return pairs
