@@ -191,6 +191,14 @@ class PrototypeExplainer:
         """
         if len(image_sizes) != sim_maps.shape[0]:
             raise ValueError(f"{sim_maps.shape[0]} maps but {len(image_sizes)} sizes")
+        if top_classes < 1 or top_prototypes < 0:
+            raise ValueError(
+                f"top_classes must be >= 1 and top_prototypes >= 0, "
+                f"got {top_classes} and {top_prototypes}"
+            )
+        bad = [s for s in image_sizes if len(s) != 2 or min(s) < 1]
+        if bad:
+            raise ValueError(f"image sizes must be (width, height) >= 1, got {bad[:3]}")
         w_last = self.model.last_layer.weight.detach().float().cpu()  # (K, P)
         classes = self.model.prototype_classes.cpu()  # (P,)
         Wl = sim_maps.shape[3]

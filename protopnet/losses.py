@@ -10,11 +10,16 @@ def cluster_cost(
 ) -> torch.Tensor:
     """Mean over images of the smallest distance to a prototype of the image's own class.
 
-    min_distances: (B, P); labels: (B,); identity: (P, K) one-hot.
+    min_distances: (B, P); labels: (B,); identity: (P, K) one-hot. Images of a class left
+    without prototypes (all pruned) contribute nothing, rather than a huge constant.
     """
     own = identity[:, labels].t().bool()  # (B, P)
     inf = torch.finfo(min_distances.dtype).max
-    return min_distances.masked_fill(~own, inf).amin(dim=1).mean()
+    per_image = min_distances.masked_fill(~own, inf).amin(dim=1)
+    has_own = own.any(dim=1)
+    if not bool(has_own.any()):
+        return min_distances.new_zeros(())
+    return per_image[has_own].mean()
 
 
 def separation_cost(

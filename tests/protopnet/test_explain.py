@@ -270,6 +270,15 @@ def test_mismatched_sizes_are_a_clear_error(texture_model: torch.nn.Module) -> N
     explainer = PrototypeExplainer(texture_model, Preprocessing(img_size=IMG))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="2 images but 1 sizes"):
         explainer.attribute(torch.zeros(2, 3, IMG, IMG), [(10, 10)])
+    with pytest.raises(ValueError, match=r"top_classes must be >= 1.*got 0 and 10"):
+        explainer.attribute(torch.zeros(1, 3, IMG, IMG), [(10, 10)], top_classes=0)
+    with pytest.raises(ValueError, match=r"got \[\(0, 10\)\]"):
+        explainer.attribute(torch.zeros(1, 3, IMG, IMG), [(0, 10)])
+    # More classes / prototypes asked for than exist: all of them, no error.
+    (e,) = explainer.attribute(
+        torch.zeros(1, 3, IMG, IMG), [(10, 10)], top_classes=9, top_prototypes=99
+    )
+    assert len(e.top_classes) == 3 and len(e.top_prototypes) == 6
 
 
 def test_place_maps_window_for_each_mode() -> None:

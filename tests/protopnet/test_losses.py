@@ -60,6 +60,13 @@ def test_separation_skips_images_whose_class_owns_every_prototype() -> None:
     assert float(separation_cost(min_d[:1], labels[:1], ident)) == 0.0
 
 
+def test_cluster_skips_images_whose_class_has_no_prototype() -> None:
+    ident = class_identity([0, 0], 2)  # every prototype of class 1 was pruned
+    min_d = torch.tensor([[1.0, 2.0], [4.0, 3.0]])
+    assert float(cluster_cost(min_d, torch.tensor([0, 1]), ident)) == 1.0
+    assert float(cluster_cost(min_d[1:], torch.tensor([1]), ident)) == 0.0
+
+
 def test_costs_are_differentiable_towards_the_right_prototypes() -> None:
     ident = class_identity([0, 1], 2)
     min_d = torch.tensor([[2.0, 1.0]], requires_grad=True)
