@@ -115,6 +115,9 @@ def check_files(
         raise IntegrityError(
             _display(folder, extra[0]), "unexpected file: the manifest does not list it"
         )
+    links = sorted(rel for rel in present if (folder / rel).is_symlink())
+    if links:  # a link could make a "verified" read return any file on the machine
+        raise IntegrityError(_display(folder, links[0]), "is a symbolic link, not a file")
     missing = sorted(set(manifest.files) - present)
     if missing:
         raise IntegrityError(_display(folder, missing[0]), "missing: the manifest lists it")

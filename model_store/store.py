@@ -416,6 +416,11 @@ class ModelStore:
         check_name("model", name)
         if version is not None:
             check_name("version", version)
+            if version.isdigit() and version != str(int(version)):
+                raise InvalidNameError(
+                    f"invalid version name {version!r}: write numbers without leading zeros "
+                    f"({int(version)})"
+                )
         alias_list = list(dict.fromkeys(aliases))
         for a in alias_list:
             self._check_alias_name(a)

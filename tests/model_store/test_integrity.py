@@ -112,3 +112,14 @@ def test_images_are_rechecked_when_read_later(store: ModelStore, published: Path
         loaded.prototype_image_bytes(4, "patch")
     with pytest.raises(IntegrityError, match=r"activations\.safetensors"):
         loaded.activation_maps()
+
+
+def test_symbolic_link_is_refused(store: ModelStore, published: Path, tmp_path: Path) -> None:
+    png = published / "prototypes" / "0_patch.png"
+    copy = tmp_path / "elsewhere.png"
+    copy.write_bytes(png.read_bytes())  # same bytes, so only the link itself is wrong
+    png.unlink()
+    png.symlink_to(copy)
+    with pytest.raises(IntegrityError, match="is a symbolic link") as e:
+        store.load("tiny")
+    assert e.value.path == str(png)

@@ -249,3 +249,27 @@ def test_remove_moves_latest_and_guards_pinned_aliases(store: ModelStore) -> Non
     assert publish_tiny(store, seed=5)[1].version == "4"
     with pytest.raises(UnknownNameError, match=r"unknown version '8'; valid: 1, 4"):
         store.remove("tiny", "8")
+
+
+def test_loading_never_unpickles(store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    publish_tiny(store)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the store unpickled something")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    loaded = store.load("tiny")
+    assert loaded.activation_maps() is not None
+    assert loaded.prototype_image_bytes(0, "patch") is not None
+
+
+def test_numeric_versions_are_written_plainly(store: ModelStore) -> None:
+    with pytest.raises(InvalidNameError, match=r"invalid version name '007'.*\(7\)"):
+        publish_tiny(store, version="007")
+    assert publish_tiny(store, version="7")[1].version == "7"
+    assert publish_tiny(store)[1].version == "8"  # auto numbers continue after explicit ones
