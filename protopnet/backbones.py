@@ -352,6 +352,13 @@ def _small_cnn(weights: str | None, img_size: int) -> Trunk:
     return SmallCNN((64, 128, 256), weights)
 
 
+@register_backbone("compact_cnn", "small", mean=(0.5,) * 3, std=(0.5,) * 3)
+def _compact_cnn(weights: str | None, img_size: int) -> Trunk:
+    """32-64-128 channels, stride 4: about 4x cheaper than small_cnn on 2 CPU cores (the
+    Fashion-MNIST demo's trunk)."""
+    return SmallCNN((32, 64, 128), weights)
+
+
 @register_backbone("tiny_cnn", "small", mean=(0.5,) * 3, std=(0.5,) * 3)
 def _tiny_cnn(weights: str | None, img_size: int) -> Trunk:
     """8-16 channels, stride 2: for unit tests."""

@@ -1,0 +1,329 @@
+"""The stages' inner loops: warm-up and joint SGD epochs, evaluation, the last layer.
+
+Stage semantics (the paper's section 2.2 and the reference implementation):
+
+- warm:  trunk frozen; add-on layers and prototypes trained; last layer fixed.
+- joint: trunk, add-on layers and prototypes trained; last layer fixed.
+- last:  only the last layer, on CE + l1 * L1(wrong-class weights), a convex problem
+         because every similarity score is fixed; scores are computed once.
+
+Loss terms are returned separately (CE, cluster, separation, average separation, L1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from protopnet.losses import average_separation_cost, cluster_cost, last_layer_l1, separation_cost
+from protopnet.model import ProtoPNet
+from training.config import LearningRates, LossCoefficients
+
+Stage = Literal["warm", "joint", "last"]
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else the CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def set_stage(model: ProtoPNet, stage: Stage) -> None:
+    """requires_grad per stage, so frozen parts cost no backward pass."""
+    for p in model.features.parameters():
+        p.requires_grad_(stage == "joint")
+    for p in model.add_on_layers.parameters():
+        p.requires_grad_(stage in ("warm", "joint"))
+    model.prototype_vectors.requires_grad_(stage in ("warm", "joint"))
+    model.last_layer.weight.requires_grad_(stage == "last")
+
+
+def warm_optimizer(model: ProtoPNet, lr: LearningRates) -> torch.optim.Optimizer:
+    return torch.optim.Adam(
+        [
+            {
+                "params": list(model.add_on_layers.parameters()),
+                "lr": lr.warm_add_on,
+                "weight_decay": lr.weight_decay,
+            },
+            {"params": [model.prototype_vectors], "lr": lr.warm_prototypes},
+        ]
+    )
+
+
+def joint_optimizer(model: ProtoPNet, lr: LearningRates) -> torch.optim.Optimizer:
+    return torch.optim.Adam(
+        [
+            {
+                "params": list(model.features.parameters()),
+                "lr": lr.joint_features,
+                "weight_decay": lr.weight_decay,
+            },
+            {
+                "params": list(model.add_on_layers.parameters()),
+                "lr": lr.joint_add_on,
+                "weight_decay": lr.weight_decay,
+            },
+            {"params": [model.prototype_vectors], "lr": lr.joint_prototypes},
+        ]
+    )
+
+
+def joint_lr_factor(joint_epoch: int, step_size: int, gamma: float) -> float:
+    """Step decay: x gamma every ``step_size`` joint epochs (0-based epoch count)."""
+    return gamma ** (joint_epoch // step_size)
+
+
+def set_lr(opt: torch.optim.Optimizer, base: list[float], factor: float) -> None:
+    for group, lr in zip(opt.param_groups, base, strict=True):
+        group["lr"] = lr * factor
+
+
+class TrainForward(nn.Module):
+    """(B, 3, S, S) -> logits (B, K), min distances (B, P), for SGD (DDP wraps this).
+
+    With ``amp`` the trunk and add-on layers run in reduced precision, but distances are
+    computed in float32: ||z||^2 - 2 <z, p> + ||p||^2 cancels badly in 16 bits.
+    """
+
+    def __init__(self, model: ProtoPNet, amp_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.amp_dtype = amp_dtype
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        if self.amp_dtype is None:
+            return m(x)
+        with torch.autocast(x.device.type, dtype=self.amp_dtype):
+            z = m.add_on_layers(m.features(x))  # (B, D, H, W)
+        with torch.autocast(x.device.type, enabled=False):
+            d = m.distances(z.float())  # (B, P, H', W')
+            min_d = d.flatten(2).amin(dim=2)  # (B, P)
+            logits = m.last_layer(m.similarity(min_d))  # (B, K)
+        return logits, min_d
+
+
+def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor
+    ce: torch.Tensor
+    cluster: torch.Tensor
+    separation: torch.Tensor
+    avg_separation: torch.Tensor
+    l1: torch.Tensor
+
+
+def loss_terms(
+    model: ProtoPNet,
+    logits: torch.Tensor,
+    min_d: torch.Tensor,
+    labels: torch.Tensor,
+    coefs: LossCoefficients,
+    stage: Stage,
+) -> LossTerms:
+    ident = model.prototype_class_identity  # (P, K)
+    ce = F.cross_entropy(logits, labels)
+    clst = cluster_cost(min_d, labels, ident)
+    sep = separation_cost(min_d, labels, ident)
+    avg = average_separation_cost(min_d, labels, ident)
+    l1 = last_layer_l1(model.last_layer.weight, ident)
+    if stage == "last":
+        loss = coefs.crs_ent * ce + coefs.l1 * l1
+    else:
+        loss = coefs.crs_ent * ce + coefs.clst * clst + coefs.sep * sep + coefs.l1 * l1
+    return LossTerms(loss, ce, clst, sep, avg, l1)
+
+
+class _Sums:
+    """Running means of the loss terms and accuracy over an epoch."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self.n = 0
+        self.correct = 0
+
+    def add(self, terms: LossTerms, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        b = int(labels.shape[0])
+        self.n += b
+        self.correct += int((logits.argmax(dim=1) == labels).sum())
+        for k in ("loss", "ce", "cluster", "separation", "avg_separation", "l1"):
+            self.total[k] = self.total.get(k, 0.0) + float(getattr(terms, k).detach()) * b
+
+    def result(self) -> dict[str, float]:
+        out = {k: v / max(self.n, 1) for k, v in self.total.items()}
+        out["accuracy"] = self.correct / max(self.n, 1)
+        out["images"] = float(self.n)
+        return out
+
+
+def _progress(loader: DataLoader, desc: str, enabled: bool) -> Iterator:
+    return iter(tqdm(loader, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True))
+
+
+def _to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_epoch(
+    model: ProtoPNet,
+    forward: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    coefs: LossCoefficients,
+    stage: Stage,
+    device: torch.device,
+    channels_last: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One SGD epoch of the warm or joint stage; returns mean loss terms and accuracy."""
+    set_stage(model, stage)
+    forward.train()
+    sums = _Sums()
+    start = time.perf_counter()
+    for x, y, _ in _progress(loader, desc, progress):
+        x, y = _to(x, device, channels_last), y.to(device)
+        logits, min_d = forward(x)  # (B, K), (B, P)
+        terms = loss_terms(model, logits, min_d, y, coefs, stage)
+        if not math.isfinite(float(terms.loss.detach())):
+            raise FloatingPointError(f"{desc}: the loss became {float(terms.loss.detach())}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(terms.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            terms.loss.backward()
+            optimizer.step()
+        sums.add(terms, logits.detach(), y)
+    out = sums.result()
+    out["seconds"] = time.perf_counter() - start
+    out["images_per_s"] = out["images"] / max(out["seconds"], 1e-9)
+    return out
+
+
+@torch.inference_mode()
+def evaluate(
+    model: ProtoPNet,
+    loader: DataLoader,
+    coefs: LossCoefficients,
+    device: torch.device,
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Accuracy and loss terms on unaugmented images, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    sums = _Sums()
+    try:
+        for x, y, _ in _progress(loader, desc, progress):
+            x, y = _to(x, device, channels_last), y.to(device)
+            logits, min_d = model(x)
+            sums.add(loss_terms(model, logits, min_d, y, coefs, "joint"), logits, y)
+    finally:
+        model.train(was_training)
+    return sums.result()
+
+
+@torch.inference_mode()
+def collect_similarities(
+    model: ProtoPNet,
+    loader: DataLoader,
+    device: torch.device,
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = "scores",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image's prototype similarity scores (N, P) and labels (N,), on the CPU."""
+    was_training = model.training
+    model.eval()
+    sims, labels = [], []
+    try:
+        for x, y, _ in _progress(loader, desc, progress):
+            _, min_d = model(_to(x, device, channels_last))
+            sims.append(model.similarity(min_d).float().cpu())  # (B, P)
+            labels.append(y)
+    finally:
+        model.train(was_training)
+    return torch.cat(sims), torch.cat(labels)
+
+
+@contextlib.contextmanager
+def _enable_grad() -> Iterator[None]:
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def train_last_layer(
+    model: ProtoPNet,
+    sims: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    lr: float,
+    coefs: LossCoefficients,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The convex last-layer stage on fixed scores: Adam on CE + l1 * L1(wrong-class).
+
+    sims: (N, P) similarity scores; labels: (N,). Returns the final epoch's mean terms.
+    """
+    set_stage(model, "last")
+    w = model.last_layer.weight
+    device = w.device
+    ident = model.prototype_class_identity  # (P, K)
+    opt = torch.optim.Adam([w], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    sims, labels = sims.to(device), labels.to(device)
+    n = sims.shape[0]
+    result: dict[str, float] = {}
+    with _enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen).to(device)
+            tot = {"loss": 0.0, "ce": 0.0, "l1": 0.0}
+            correct = 0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                logits = F.linear(sims[idx], w)  # (b, K)
+                ce = F.cross_entropy(logits, labels[idx])
+                l1 = last_layer_l1(w, ident)
+                loss = coefs.crs_ent * ce + coefs.l1 * l1
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                b = int(idx.shape[0])
+                tot["loss"] += float(loss.detach()) * b
+                tot["ce"] += float(ce.detach()) * b
+                tot["l1"] += float(l1.detach()) * b
+                correct += int((logits.argmax(1) == labels[idx]).sum())
+            result = {k: v / max(n, 1) for k, v in tot.items()}
+            result["accuracy"] = correct / max(n, 1)
+    w.requires_grad_(False)
+    with torch.no_grad():
+        result["wrong_class_weight_abs_mean"] = float(
+            (w * (1 - ident.t())).abs().sum() / max(int((1 - ident.t()).sum()), 1)
+        )
+    return result

@@ -1,0 +1,90 @@
+"""Publish a trained, pushed checkpoint to the model store, with its prototype pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from model_store import Manifest, ModelStore
+from protopnet.errors import ProtoPNetError
+from training import engine
+from training.data import build_splits
+from training.push import render_visuals
+from training.run import eval_loader, read_checkpoint
+
+
+class ExportError(ProtoPNetError):
+    """A checkpoint that cannot be published (e.g. never pushed)."""
+
+
+def export_run(
+    run_dir: Path,
+    tag: str | None = None,
+    name: str | None = None,
+    store_root: str | Path | None = None,
+    aliases: list[str] | None = None,
+    visualize: bool = True,
+) -> Manifest:
+    """Publish checkpoint ``tag`` of ``run_dir`` (default: the config's export.checkpoint).
+
+    The prototype pictures (patch crop, source with box, activation overlay) are drawn
+    from the push records and self-activation maps saved with the checkpoint, loading
+    each source image from the run's training data.
+    """
+    run_dir = Path(run_dir)
+    saved = read_checkpoint(run_dir, tag or "best")
+    cfg = saved.config
+    tag = tag or cfg.export.checkpoint
+    ck = saved if tag == "best" else read_checkpoint(run_dir, tag)
+    if ck.records is None or ck.activation_maps is None:
+        raise ExportError(
+            f"checkpoint {tag!r} of {str(run_dir)!r} was never pushed: its prototypes are not "
+            "training patches. Run `python -m training push` on it first."
+        )
+    splits = build_splits(cfg.data, cfg.train.seed)
+    visuals = (
+        render_visuals(ck.records, ck.activation_maps, splits.train, ck.preprocessing)
+        if visualize
+        else None
+    )
+    metrics = _metrics(run_dir, tag, ck.meta)
+    if metrics.get("test_accuracy") is None:
+        device = engine.pick_device(cfg.train.device)
+        metrics["test_accuracy"] = engine.evaluate(
+            ck.model.to(device),
+            eval_loader(splits.test, ck.preprocessing, cfg),
+            cfg.train.loss,
+            device,
+        )["accuracy"]
+        ck.model.cpu()
+    store = ModelStore(store_root if store_root is not None else cfg.export.store)
+    return store.publish(
+        name or cfg.export.name or cfg.name,
+        ck.model.cpu().eval(),
+        ck.preprocessing,
+        ck.class_names,
+        ck.records,
+        visuals=visuals,
+        activation_maps=ck.activation_maps,
+        training_config={**cfg.to_plain(), "checkpoint": tag, "run_dir": str(run_dir)},
+        metrics=metrics,
+        aliases=tuple(aliases if aliases is not None else cfg.export.aliases),
+    )
+
+
+def _metrics(run_dir: Path, tag: str, meta: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "val_accuracy": meta.get("val_accuracy"),
+        "checkpoint_epoch": meta.get("epoch"),
+    }
+    if out["val_accuracy"] is not None and out["val_accuracy"] < 0:
+        out["val_accuracy"] = None
+    summary_path = run_dir / "summary.json"
+    if tag == "pruned" and "prune" in meta:
+        out["test_accuracy"] = meta["prune"]["test_accuracy"]
+        out["pruned_prototypes"] = len(meta["prune"]["pruned"])
+    elif tag == "best" and summary_path.is_file():
+        best = json.loads(summary_path.read_text()).get("best", {})
+        out["test_accuracy"] = best.get("test_accuracy")
+    return out
