@@ -15,7 +15,6 @@ prototype's nearest patch among images of its own class, without changing the we
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import pickle
 import sys
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from model_store.errors import PublishError, UnsafePickleError
+from model_store.integrity import sha256_file
 from model_store.manifest import Manifest, PrototypeRecord
 from model_store.store import DEFAULT_ALIAS, ModelStore, PrototypeVisuals
 from protopnet.backbones import clean_state_dict_keys, get_backbone_spec
@@ -367,6 +367,8 @@ def import_reference(
                 "class names are needed: pass class_names (--class-names) or an image "
                 "folder whose class sub-folders name them (--images)"
             )
+        if not Path(images_dir).is_dir():
+            raise PublishError(f"image folder {str(images_dir)!r} does not exist")
         class_names = sorted(p.name for p in Path(images_dir).iterdir() if p.is_dir())
     class_names = list(class_names)
     if len(class_names) != config.num_classes:
@@ -394,7 +396,7 @@ def import_reference(
             PrototypeRecord(index=j, class_index=k)
             for j, k in enumerate(config.classes_of_prototypes())
         ]
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    digest = sha256_file(Path(weights))
     manifest = store.publish(
         name,
         model,

@@ -137,6 +137,11 @@ def test_trusted_whole_model_pickle_imports(
         ({"class_names": None}, PublishError, "class names are needed"),
         ({"add_on": "regular"}, WeightsError, r"does not fit .* regular add-on layers"),
         ({"images_dir": "/nonexistent"}, PublishError, "image folder '/nonexistent' does not"),
+        (
+            {"images_dir": "/nonexistent", "class_names": None},
+            PublishError,
+            "image folder '/nonexistent' does not",
+        ),
     ],
 )
 def test_bad_imports_say_what_is_wrong(
