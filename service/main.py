@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.cache = cache
         app.state.registry = registry
         app.state.explanations = ExplanationService(settings, cache, pool, metrics)
-        loading = asyncio.create_task(registry.load_startup_models())
+        loading = asyncio.create_task(registry.load_startup_models(settings.model_retry_s))
         log.info(
             "service starting",
             extra={"store": str(settings.store), "models": settings.startup_models()},

@@ -139,12 +139,18 @@ def overlay_array(rd: RenderData, image: np.ndarray, prototype: int) -> np.ndarr
     return overlay(image, m)
 
 
-def boxes_png(rd: RenderData, image: np.ndarray, prototypes: list[int] | None = None) -> bytes:
+def boxes_image(
+    rd: RenderData, image: np.ndarray, prototypes: list[int] | None = None
+) -> np.ndarray:
     """The image with the boxes of ``prototypes`` (default: the most activated) drawn."""
     chosen = rd.top_prototypes if prototypes is None else prototypes
     idx = [rd.index(j) for j in chosen]
     boxes = [rd.display_box(i) for i in idx]
-    return encode_png(draw_boxes(image, boxes, labels=[f"p{j}" for j in chosen]))
+    return draw_boxes(image, boxes, labels=[f"p{j}" for j in chosen])
+
+
+def boxes_png(rd: RenderData, image: np.ndarray, prototypes: list[int] | None = None) -> bytes:
+    return encode_png(boxes_image(rd, image, prototypes))
 
 
 def box_crop(rd: RenderData, image: np.ndarray, prototype: int) -> np.ndarray:

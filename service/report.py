@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from protopnet.visualize import encode_png
 from service import render
 from service.schemas import ExplainResponse
 
@@ -24,8 +23,10 @@ _env = Environment(
 THUMB_SIDE = 240  # px; rows show 7rem images, this keeps print sharp and pages small
 
 
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def data_uri(image: np.ndarray) -> str:
+    """An RGB array as an inline JPEG (photos and crops: a fraction of a PNG's size)."""
+    jpeg = render.encode_jpeg(np.ascontiguousarray(image), quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 def thumbnail(image: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
@@ -39,12 +40,12 @@ def thumbnail(image: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
     )
 
 
-def png_thumbnail(png: bytes) -> bytes:
-    """A store PNG, shrunk for the page when it is large."""
+def png_thumbnail(png: bytes) -> np.ndarray | None:
+    """A store PNG as an RGB array, shrunk for the page when it is large."""
     arr = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if arr is None or max(arr.shape[:2]) <= THUMB_SIDE:
-        return png
-    return encode_png(thumbnail(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)))
+    if arr is None:
+        return None
+    return thumbnail(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB))
 
 
 @dataclass
@@ -90,8 +91,9 @@ def render_report(
             if r.prototype in rd.shown:
                 box = render.box_crop(rd, image, r.prototype)
                 if box.size:
-                    crop_uri = data_uri(encode_png(thumbnail(box)))
-            patch = patches.get(r.prototype)
+                    crop_uri = data_uri(thumbnail(box))
+            png = patches.get(r.prototype)
+            patch = png_thumbnail(png) if png else None
             rows.append(
                 ReportRow(
                     prototype=r.prototype,
@@ -99,7 +101,7 @@ def render_report(
                     weight=r.weight,
                     points=r.points,
                     crop_uri=crop_uri,
-                    patch_uri=data_uri(png_thumbnail(patch)) if patch else None,
+                    patch_uri=data_uri(patch) if patch is not None else None,
                 )
             )
         shown_total = sum(r.points for r in sheet.rows[:rows_per_class])
@@ -126,7 +128,7 @@ def render_report(
         runner_up=runner_up,
         missing_runner_up=runner_up is None,
         sheets=sheets,
-        boxes_uri=data_uri(render.boxes_png(rd, image)),
+        boxes_uri=data_uri(render.boxes_image(rd, image)),
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
 

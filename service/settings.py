@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     # Loaded and warmed up at start-up (default: the default model). Others load on demand.
     models: CommaList = Field(default_factory=list)
     max_loaded_models: int = Field(default=4, ge=1)  # least recently used ones are unloaded
+    model_retry_s: float = Field(default=5.0, gt=0)  # start-up models missing: retry interval
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1" ...
     torch_threads: int | None = Field(default=None, ge=1)
 

@@ -111,6 +111,21 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait(self, probe: str = "/readyz", timeout: float = 120.0) -> None:
+        """Until ``probe`` answers 200; raises with the server's log if it never does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + probe, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -122,10 +137,8 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(
-    tmp: Path, store: Path, wait_ready: bool = True, **settings: str | int | float
-) -> ServerProcess:
-    """Start ``python -m service`` with PROTOPNET_* settings; wait for /readyz (or /healthz)."""
+def launch_server(tmp: Path, store: Path, **settings: str | int | float) -> ServerProcess:
+    """Start ``python -m service`` with PROTOPNET_* settings (does not wait)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOPNET_")}
     env.update(
@@ -146,20 +159,16 @@ def start_server(
         proc = subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=log
         )
-    server = ServerProcess(port, proc, log_path, env)
-    probe = "/readyz" if wait_ready else "/healthz"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(server.url + probe, timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"server not ready after 90 s:\n{server.log()}")
+    return ServerProcess(port, proc, log_path, env)
+
+
+def start_server(
+    tmp: Path, store: Path, wait_ready: bool = True, **settings: str | int | float
+) -> ServerProcess:
+    """Start ``python -m service`` and wait for /readyz (or only /healthz)."""
+    server = launch_server(tmp, store, **settings)
+    server.wait("/readyz" if wait_ready else "/healthz")
+    return server
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,82 @@
+"""Readiness before and after models exist, API keys, CORS, request ids, OpenAPI."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model_store import ModelStore
+from tests.service.conftest import start_server
+from tests.service.store_builder import build_photo_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_readiness_keys_cors_and_request_ids(tmp_path: Path) -> None:
+    empty = tmp_path / "store"
+    empty.mkdir()
+    srv = start_server(
+        tmp_path,
+        empty,
+        wait_ready=False,
+        models="photo",
+        api_keys="key-one,key-two",
+        cors_origins="http://front.example",
+        model_retry_s=0.5,
+    )
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            # Alive but not ready: the default model is not in the store yet.
+            assert c.get("/healthz").json() == {"status": "alive"}
+            r = c.get("/readyz")
+            assert r.status_code == 503
+            assert r.json()["status"] == "failed"
+            assert "unknown model 'photo'" in r.json()["detail"]
+            assert c.get("/metrics").status_code == 200  # probes and scrapers need no key
+
+            # API keys: header or bearer token; the error says how to send one.
+            r = c.get("/models")
+            assert r.status_code == 401 and "X-API-Key" in r.json()["error"]["message"]
+            r = c.get("/models", headers={"X-API-Key": "wrong"})
+            assert r.status_code == 401 and "not valid" in r.json()["error"]["message"]
+            assert c.get("/models", headers={"X-API-Key": "key-two"}).status_code == 200
+            auth = {"Authorization": "Bearer key-one"}
+            assert c.get("/models", headers=auth).json()["models"] == []
+
+            # CORS for the configured front-end only.
+            pre = {"Origin": "http://front.example", "Access-Control-Request-Method": "POST"}
+            r = c.options("/explain", headers=pre)
+            assert r.status_code == 200
+            assert r.headers["access-control-allow-origin"] == "http://front.example"
+            r = c.get("/healthz", headers={"Origin": "http://evil.example"})
+            assert "access-control-allow-origin" not in r.headers
+
+            # Request ids: the client's is echoed, in the header and in error bodies.
+            r = c.get("/models/photo", headers={**auth, "X-Request-ID": "trace-42"})
+            assert r.status_code == 404 and r.headers["x-request-id"] == "trace-42"
+            assert r.json()["error"]["request_id"] == "trace-42"
+            r = c.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+            assert r.headers["x-request-id"] != "bad id with spaces"
+
+            # Publish the model: the server loads it, warms it up and becomes ready.
+            build_photo_model(ModelStore(empty))
+            deadline = time.monotonic() + 30
+            while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            r = c.get("/readyz")
+            assert r.status_code == 200 and r.json()["status"] == "ready"
+            assert r.json()["models"] == ["photo@1"] and r.json()["cache"] == "local"
+
+            spec = c.get("/openapi.json").json()
+            assert (
+                "/explain" in spec["paths"] and "ExplainResponse" in spec["components"]["schemas"]
+            )
+            body = spec["paths"]["/explain"]["post"]["requestBody"]["content"]
+            assert set(body) == {"multipart/form-data", "image/*"}
+        log = srv.log()
+        assert '"request_id": "trace-42"' in log  # structured access log carries the id
+    finally:
+        srv.stop()
