@@ -7,6 +7,7 @@ Drawing and PNG encoding live in ``protopnet.visualize``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -24,15 +25,28 @@ PERCENTILE = 95.0
 # Activation maps and boxes (the paper's section 2.3)
 
 
+@functools.lru_cache(maxsize=256)
+def _bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) 1-D bicubic interpolation weights: torch's own, read off by
+    interpolating the identity, so borders and rounding follow ``F.interpolate``."""
+    eye = torch.eye(n_in).view(1, n_in, n_in, 1)  # channel c is the unit vector e_c
+    w = F.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=False)
+    return w[0, :, :, 0].t().contiguous()  # (n_out, n_in)
+
+
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic upsampling, (N, h, w) -> (N, H, W); matches OpenCV's INTER_CUBIC.
 
     Both use the a = -0.75 cubic kernel with half-pixel centres and replicated borders.
+    The kernel is separable, so this is two small matrix products (U_h @ m @ U_w^T),
+    several times faster than ``F.interpolate`` on the CPU and equal to it within 1e-6.
     """
     if maps.shape[0] == 0:
         return maps.new_zeros((0, *size))
-    out = F.interpolate(maps.unsqueeze(0).float(), size=size, mode="bicubic", align_corners=False)
-    return out.squeeze(0)
+    h, w = maps.shape[1:]
+    u_h = _bicubic_matrix(h, size[0]).to(maps.device)  # (H, h)
+    u_w = _bicubic_matrix(w, size[1]).to(maps.device)  # (W, w)
+    return u_h @ maps.float() @ u_w.t()  # (N, H, W)
 
 
 def percentile_thresholds(maps: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
