@@ -191,7 +191,12 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, store_root: Path, redis_server: RedisProcess
 ) -> Iterator[ServerProcess]:
     """The shared API server: default settings, the session's Redis."""
-    s = start_server(tmp_path_factory.mktemp("server"), store_root, redis_url=redis_server.url)
+    s = start_server(
+        tmp_path_factory.mktemp("server"),
+        store_root,
+        redis_url=redis_server.url,
+        max_map_side=512,  # photos up to 512 px are drawn at their own size
+    )
     yield s
     s.stop()
 
