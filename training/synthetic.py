@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from training.config import SyntheticConfig
@@ -46,37 +45,43 @@ def class_names(num_classes: int) -> list[str]:
     return [" ".join(reversed(class_part(k))) for k in range(num_classes)]
 
 
+def shape_mask(shape: str, s: int) -> np.ndarray:
+    """(s, s) bool mask of ``shape`` filling an s x s square (never outside it)."""
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32)
+    c = (s - 1) / 2
+    t = max(1.0, s / 4)  # stroke width
+    d = np.hypot(x - c, y - c)
+    if shape == "square":
+        return np.ones((s, s), dtype=bool)
+    if shape == "ring":
+        return (d <= s / 2) & (d >= s / 2 - t)
+    if shape == "cross":
+        return (np.abs(x - c) < t / 2 + 0.25) | (np.abs(y - c) < t / 2 + 0.25)
+    if shape == "diamond":
+        return np.abs(x - c) + np.abs(y - c) <= s / 2
+    if shape == "triangle":
+        return np.abs(x - c) <= (y + 1) / 2
+    if shape == "x":
+        return (np.abs(x - y) <= t / 2) | (np.abs(x + y - (s - 1)) <= t / 2)
+    if shape == "bars":
+        return (y < t) | (y >= s - t)
+    if shape == "dot":
+        return d <= s / 3
+    raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+
+
 def draw_shape(
     canvas: np.ndarray, shape: str, x: int, y: int, s: int, color: tuple[int, int, int]
 ) -> None:
-    """Draw ``shape`` filling the s x s square whose top-left corner is (x, y), in place."""
-    c = tuple(int(v) for v in color)
-    x1, y1 = x + s - 1, y + s - 1
-    cx, cy = x + s // 2, y + s // 2
-    t = max(1, s // 4)  # stroke width
-    if shape == "square":
-        cv2.rectangle(canvas, (x, y), (x1, y1), c, -1)
-    elif shape == "ring":
-        cv2.circle(canvas, (cx, cy), max(1, s // 2 - t // 2), c, t)
-    elif shape == "cross":
-        cv2.rectangle(canvas, (cx - t // 2, y), (cx - t // 2 + t - 1, y1), c, -1)
-        cv2.rectangle(canvas, (x, cy - t // 2), (x1, cy - t // 2 + t - 1), c, -1)
-    elif shape == "diamond":
-        pts = np.array([[cx, y], [x1, cy], [cx, y1], [x, cy]], dtype=np.int32)
-        cv2.fillPoly(canvas, [pts], c)
-    elif shape == "triangle":
-        pts = np.array([[cx, y], [x1, y1], [x, y1]], dtype=np.int32)
-        cv2.fillPoly(canvas, [pts], c)
-    elif shape == "x":
-        cv2.line(canvas, (x, y), (x1, y1), c, t)
-        cv2.line(canvas, (x1, y), (x, y1), c, t)
-    elif shape == "bars":
-        cv2.rectangle(canvas, (x, y), (x1, y + t - 1), c, -1)
-        cv2.rectangle(canvas, (x, y1 - t + 1), (x1, y1), c, -1)
-    elif shape == "dot":
-        cv2.circle(canvas, (cx, cy), max(1, s // 3), c, -1)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+    """Paint ``shape`` into the s x s square whose top-left corner is (x, y), in place;
+    the parts of the square outside the canvas are clipped."""
+    mask = shape_mask(shape, s)
+    H, W = canvas.shape[:2]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + s, W), min(y + s, H)
+    if x1 <= x0 or y1 <= y0:
+        return
+    region = canvas[y0:y1, x0:x1]
+    region[mask[y0 - y : y1 - y, x0 - x : x1 - x]] = np.asarray(color, dtype=canvas.dtype)
 
 
 def make_image(

@@ -1,0 +1,151 @@
+"""Push against a brute-force reference: every prototype's nearest own-class patch,
+its provenance record, self-activation map and 95th-percentile box."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from protopnet.config import Preprocessing, ProtoPNetConfig
+from protopnet.model import ProtoPNet, create_model
+from protopnet.preprocess import eval_transform
+from training.data import ArrayImages
+from training.push import PushError, push_prototypes, render_visuals
+
+PREP = Preprocessing(img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def model_and_images(
+    num_classes: int = 3, proto_size: tuple[int, int] = (2, 2), seed: int = 0
+) -> tuple[ProtoPNet, ArrayImages]:
+    torch.manual_seed(seed)
+    cfg = ProtoPNetConfig(
+        backbone="tiny_cnn",
+        num_classes=num_classes,
+        prototypes_per_class=2,
+        prototype_depth=8,
+        img_size=16,
+        prototype_size=proto_size,
+    )
+    model = create_model(cfg).eval()
+    rng = np.random.default_rng(seed)
+    # Sources larger than the model input and not square: boxes live in source pixels.
+    images = rng.integers(0, 256, size=(4 * num_classes, 20, 26, 3), dtype=np.uint8)
+    labels = np.arange(len(images)) % num_classes
+    return model, ArrayImages(images, labels, [f"c{k}" for k in range(num_classes)], "rand")
+
+
+def brute_force_nearest(model: ProtoPNet, images: ArrayImages) -> list[tuple[float, int, int, int]]:
+    """(distance, image, h, w) of each prototype's nearest own-class patch, by loops."""
+    tf = eval_transform(PREP)
+    with torch.no_grad():
+        z = [model.conv_features(tf(images.load(i))[None])[0] for i in range(len(images))]
+    protos = model.prototype_vectors.detach()
+    P, D, h1, w1 = protos.shape
+    out = []
+    for j in range(P):
+        k = int(model.prototype_classes[j])
+        best = (float("inf"), -1, -1, -1)
+        for i, zi in enumerate(z):
+            if images.labels[i] != k:
+                continue
+            for h in range(zi.shape[1] - h1 + 1):
+                for w in range(zi.shape[2] - w1 + 1):
+                    d = float(((zi[:, h : h + h1, w : w + w1] - protos[j]) ** 2).sum())
+                    if d < best[0]:
+                        best = (d, i, h, w)
+        out.append(best)
+    return out, z  # type: ignore[return-value]
+
+
+def reference_box(act: np.ndarray, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """OpenCV bicubic upsampling to (width, height), numpy 95th percentile, enclosing box."""
+    up = cv2.resize(act.astype(np.float32), size, interpolation=cv2.INTER_CUBIC)
+    ys, xs = np.nonzero(up >= np.percentile(up, 95))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@pytest.mark.parametrize("proto_size", [(1, 1), (2, 2)])
+def test_push_matches_brute_force(proto_size: tuple[int, int]) -> None:
+    model, images = model_and_images(proto_size=proto_size)
+    expected, z = brute_force_nearest(model, images)
+    result = push_prototypes(model, images, PREP, batch_size=5, channels_last=False)
+    h1, w1 = proto_size
+    P = model.num_prototypes
+    assert len(result.records) == P and result.activation_maps.shape[0] == P
+    for j, (dist, i, h, w) in enumerate(expected):
+        r = result.records[j]
+        assert r.index == j and r.class_index == int(model.prototype_classes[j])
+        assert r.source_image_id == images.image_id(i)
+        assert images.labels[i] == r.class_index  # class-specific: own class only
+        assert r.patch_hw == (h, w)
+        assert r.distance == pytest.approx(dist, rel=1e-4, abs=1e-5)
+        assert r.source_size == (26, 20)
+        # The prototype now IS that latent patch.
+        torch.testing.assert_close(
+            model.prototype_vectors[j].detach(), z[i][:, h : h + h1, w : w + w1], atol=1e-5, rtol=0
+        )
+        # Its self-activation peaks there, at (almost) the largest similarity log(1/eps).
+        m = result.activation_maps[j]
+        assert divmod(int(m.argmax()), m.shape[1]) == (h, w)
+        assert float(m.max()) > 8.5
+        x0, y0, x1, y1 = r.box  # type: ignore[misc]
+        rx0, ry0, rx1, ry1 = reference_box(m.numpy(), (26, 20))
+        assert max(abs(x0 - rx0), abs(y0 - ry0), abs(x1 - rx1), abs(y1 - ry1)) <= 1
+        assert 0 <= x0 < x1 <= 26 and 0 <= y0 < y1 <= 20
+
+
+def test_push_pictures_are_the_box_crop_and_the_marked_source() -> None:
+    model, images = model_and_images()
+    result = push_prototypes(model, images, PREP, batch_size=4)
+    assert set(result.visuals) == set(range(model.num_prototypes))
+    for j, v in result.visuals.items():
+        r = result.records[j]
+        i = int(r.source_image_id.split("/")[-1])  # type: ignore[union-attr]
+        src = images.arrays[i]
+        x0, y0, x1, y1 = r.box  # type: ignore[misc]
+        assert np.array_equal(v.patch, src[y0:y1, x0:x1])
+        assert v.source.shape == src.shape and v.activation.shape == src.shape
+        assert not np.array_equal(v.source, src)  # the box is drawn
+        assert v.patch.dtype == np.uint8 and v.activation.dtype == np.uint8
+    # The same pictures come back from the saved records (what export does).
+    again = render_visuals(result.records, result.activation_maps, images, PREP)
+    for j, v in again.items():
+        assert np.array_equal(v.patch, result.visuals[j].patch)
+        assert np.array_equal(v.activation, result.visuals[j].activation)
+
+
+def test_push_is_a_fixed_point() -> None:
+    """Pushing again finds each prototype's own patch at distance ~0."""
+    model, images = model_and_images()
+    first = push_prototypes(model, images, PREP, visualize=False, channels_last=False)
+    before = model.prototype_vectors.detach().clone()
+    second = push_prototypes(model, images, PREP, visualize=False, channels_last=False)
+    assert max(r.distance for r in second.records) < 1e-4  # type: ignore[type-var]
+    torch.testing.assert_close(model.prototype_vectors.detach(), before, atol=1e-5, rtol=0)
+    assert [r.source_image_id for r in first.records] == [r.source_image_id for r in second.records]
+
+
+def test_a_class_without_images_is_an_error_naming_it() -> None:
+    model, images = model_and_images(num_classes=3)
+    only_two = images.subset([i for i in range(len(images)) if images.labels[i] != 2])
+    before = model.prototype_vectors.detach().clone()
+    with pytest.raises(PushError, match=r"no training image: 2 \('c2'\)"):
+        push_prototypes(model, only_two, PREP)
+    assert torch.equal(model.prototype_vectors.detach(), before)  # nothing half-projected
+
+
+def test_bf16_push_picks_nearly_the_same_patches() -> None:
+    model, images = model_and_images(proto_size=(1, 1))
+    exact = push_prototypes(model, images, PREP, visualize=False)
+    model2, _ = model_and_images(proto_size=(1, 1))
+    fast = push_prototypes(model2, images, PREP, visualize=False, precision="bf16")
+    same = sum(
+        a.source_image_id == b.source_image_id and a.patch_hw == b.patch_hw
+        for a, b in zip(exact.records, fast.records, strict=True)
+    )
+    assert same >= len(exact.records) // 2
+    with pytest.raises(ValueError, match="unknown push precision 'fp8'; valid: bf16, fp32"):
+        push_prototypes(model, images, PREP, precision="fp8")
