@@ -97,9 +97,9 @@ def test_tampered_or_missing_files_are_named(tmp_path: Path) -> None:
     f = tmp_path / "last-000000.safetensors"
     f.write_bytes(f.read_bytes()[:-4] + b"\1\1\1\1")
     with pytest.raises(
-        CheckpointError, match="last-000000.safetensors.*does not match the SHA-256"
+        CheckpointError, match=r"last-000000\.safetensors.*does not match the SHA-256"
     ):
         load_checkpoint(tmp_path, "last")
     f.unlink()
-    with pytest.raises(CheckpointError, match="last-000000.safetensors.*is missing"):
+    with pytest.raises(CheckpointError, match=r"last-000000\.safetensors.*is missing"):
         load_checkpoint(tmp_path, "last")

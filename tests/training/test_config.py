@@ -80,9 +80,9 @@ def test_overrides_parse_yaml_values() -> None:
     assert parse_override("model.weights=null") == (["model", "weights"], None)
     cfg = load_config("synthetic", ["train.epochs=3", "model.prototype_size=[2, 1]"])
     assert cfg.train.epochs == 3 and cfg.model.prototype_size == (2, 1)
-    with pytest.raises(ConfigError, match="must look like section.key=value"):
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         parse_override("train.epochs")
-    with pytest.raises(ConfigError, match="train.epochs is a value, not a section"):
+    with pytest.raises(ConfigError, match=r"train\.epochs is a value, not a section"):
         apply_overrides({"train": {"epochs": 3}}, ["train.epochs.x=1"])
 
 

@@ -121,7 +121,7 @@ def test_cub_layout_crops_splits_and_names(tmp_path: Path) -> None:
 def test_cub_missing_file_is_named(tmp_path: Path) -> None:
     make_cub(tmp_path)
     (tmp_path / "bounding_boxes.txt").unlink()
-    with pytest.raises(DatasetError, match="bounding_boxes.txt"):
+    with pytest.raises(DatasetError, match=r"bounding_boxes\.txt"):
         cub_splits(tmp_path)
 
 

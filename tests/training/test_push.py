@@ -43,7 +43,7 @@ def brute_force_nearest(model: ProtoPNet, images: ArrayImages) -> list[tuple[flo
     with torch.no_grad():
         z = [model.conv_features(tf(images.load(i))[None])[0] for i in range(len(images))]
     protos = model.prototype_vectors.detach()
-    P, D, h1, w1 = protos.shape
+    P, _, h1, w1 = protos.shape
     out = []
     for j in range(P):
         k = int(model.prototype_classes[j])
