@@ -5,7 +5,7 @@
 
 Ratios side by side: ``load`` (hash every file, rebuild, strict load) against a bare
 rebuild + safetensors read with no hashing; ``publish`` against writing the same bytes
-with no hashing, temp folder or rename. Results: bench/results/store.json.
+with no hashing, temp folder or rename. Results: bench/results/store.json (bench.common.write_result).
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import device_name, write_result
 from model_store import ModelStore, PrototypeRecord, PrototypeVisuals
 from model_store.store import WEIGHTS
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.explain import upsample_maps
 from protopnet.model import create_model
 from protopnet.visualize import crop, draw_boxes, encode_png, overlay
-
-RESULTS = Path(__file__).resolve().parent / "results" / "store.json"
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> float:
@@ -162,21 +161,17 @@ def main() -> None:
             )
         )
     rows = [bench_case(label, cfg, photo, n) for label, cfg, photo, n in cases]
-    result = {
-        "benchmark": "model_store",
-        "machine": {
-            "cpus": os.cpu_count(),
+    path = write_result(
+        "store",
+        {
+            "device": device_name("cpu"),
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "device": "cpu",
+            "note": "best of N wall-clock seconds; *_over_bare = store step / bare step",
+            "results": rows,
         },
-        "results": rows,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
-    print(f"wrote {RESULTS}")
+    )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
