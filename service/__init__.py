@@ -1,0 +1,1 @@
+"""The explanation service (FastAPI). Imports protopnet and model_store, never training."""

@@ -19,7 +19,7 @@ import torch
 
 from protopnet.explain import ImageExplanation
 from service import render
-from service.batcher import BatcherFull
+from service.batcher import BatcherClosed, BatcherFull
 from service.cache import ExplanationCache
 from service.errors import NotFoundError, QueueFullError
 from service.images import DecodedImage, decode_image, sha256_hex
@@ -217,6 +217,11 @@ class ExplanationService:
     async def forward(self, served: ServedModel, x: torch.Tensor) -> ForwardResult:
         try:
             return await served.forward(x)
+        except BatcherClosed:  # unloaded (max_loaded_models) or shutting down meanwhile
+            raise QueueFullError(
+                f"model {served.ref} was just unloaded; retry after 1 s",
+                headers={"Retry-After": "1"},
+            ) from None
         except BatcherFull as e:
             self.metrics.rejected.inc()
             raise QueueFullError(
@@ -301,7 +306,7 @@ class ExplanationService:
         k = min(top_classes, fwd.logits.shape[0])
         top = fwd.logits.topk(k).indices.tolist()
         scores = class_scores(fwd.logits, probs, top, served.class_names)
-        sha = sha256_hex(data)
+        sha = await self.run(sha256_hex, data) if len(data) > 1 << 20 else sha256_hex(data)
         return PredictResponse(
             model=model_ref(served),
             image=image_info(decoded, sha),
