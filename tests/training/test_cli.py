@@ -1,0 +1,103 @@
+"""The command line: each verb through ``python -m training`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model_store import ModelStore
+from tests.training.conftest import run_cli
+from training.cli import main
+
+
+def _json(stdout: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(stdout[stdout.index("{") :])
+
+
+def test_bad_config_key_exits_2_naming_the_key(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(
+        ["train", "--config", "synthetic", "--set", "train.epochz=1", "--run-dir", str(tmp_path)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.epochz: unknown key" in err and "epochs" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_dataset_exits_2_with_the_reason(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["train", "--config", "fashion_mnist", "--set", f"data.root={tmp_path}"]
+    code = main([*argv, "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "dataset-fashion-mnist" in err and "data.download: true" in err
+
+
+def test_synthetic_verb_writes_image_folders(tmp_path: Path) -> None:
+    proc = run_cli(
+        "synthetic",
+        "--out",
+        str(tmp_path),
+        "--config",
+        "synthetic",
+        "--set",
+        "data.synthetic.num_classes=2",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["green_ring", "red_square"]
+    assert (tmp_path / "parts.json").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_matches_the_runs_summary(parts_run) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli("evaluate", "--run-dir", str(parts_run.run_dir), "--split", "test")
+    assert proc.returncode == 0, proc.stderr
+    out = _json(proc.stdout)
+    assert out["accuracy"] == pytest.approx(parts_run.summary["best"]["test_accuracy"])
+    bad = run_cli("evaluate", "--run-dir", str(parts_run.run_dir), "--checkpoint", "nope")
+    assert bad.returncode == 2 and "no checkpoint 'nope'" in bad.stderr and "best" in bad.stderr
+
+
+@pytest.mark.slow
+def test_prune_then_export_publishes_a_smaller_model(parts_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli("prune", "--run-dir", str(parts_run.run_dir), "--k", "6", "--tau", "3")
+    assert proc.returncode == 0, proc.stderr
+    info = _json(proc.stdout)
+    assert info["prototypes_after"] == info["prototypes_before"] - len(info["pruned"])
+    store = tmp_path / "store"
+    exp = run_cli(
+        "export", "--run-dir", str(parts_run.run_dir), "--checkpoint", "pruned",
+        "--name", "parts-pruned", "--store", str(store), "--alias", "candidate",
+    )  # fmt: skip
+    assert exp.returncode == 0, exp.stderr
+    loaded = ModelStore(store).load("parts-pruned@candidate")
+    assert loaded.model.num_prototypes == info["prototypes_after"]
+    assert len(loaded.manifest.prototypes) == info["prototypes_after"]
+    assert loaded.manifest.metrics.test_accuracy == pytest.approx(info["test_accuracy"])
+    kept = [j for j in range(info["prototypes_before"]) if j not in set(info["pruned"])]
+    full = ModelStore(parts_run.store).load("parts").manifest.prototypes
+    assert [r.source_image_id for r in loaded.manifest.prototypes] == [
+        full[j].source_image_id for j in kept
+    ]
+
+
+@pytest.mark.slow
+def test_push_verb_and_ensemble(parts_run) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli(
+        "push", "--run-dir", str(parts_run.run_dir), "--checkpoint", "last", "--out", "repushed"
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = _json(proc.stdout)
+    assert out["checkpoint"] == "repushed" and out["prototypes_per_second"] > 0
+    d = str(parts_run.run_dir)
+    ens = run_cli("ensemble", "--run-dir", d, "--run-dir", f"{d}:repushed")
+    assert ens.returncode == 0, ens.stderr
+    res = _json(ens.stdout)
+    assert res["members"][0]["accuracy"] == pytest.approx(
+        parts_run.summary["best"]["test_accuracy"]
+    )
+    assert res["ensemble_prototypes"] == sum(m["prototypes"] for m in res["members"])
+    assert 0.0 <= res["ensemble_accuracy"] <= 1.0
+    assert res["ensemble_accuracy"] >= min(m["accuracy"] for m in res["members"]) - 0.1
