@@ -29,13 +29,16 @@ def to_model_mode(img: Image.Image, prep: Preprocessing) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba).convert("RGB")
     elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale the full range down to 8 bits instead of clipping.
+        # 16-bit containers: scale the stored bit depth down to 8 bits instead of clipping.
+        # Medical images often hold 10, 12 or 14 significant bits in 16; dividing those
+        # by 65535 would leave them nearly black, so the depth is the smallest of
+        # 8/10/12/14/16 bits that holds the image's maximum.
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float32)
-        hi = float(arr.max()) if arr.size else 1.0
-        scale = 255.0 / (65535.0 if hi > 255 else 255.0)
-        img = Image.fromarray((arr * scale).clip(0, 255).astype("uint8"), "L")
+        hi = float(arr.max()) if arr.size else 0.0
+        full = next((2.0**b - 1 for b in (8, 10, 12, 14) if hi <= 2.0**b - 1), 65535.0)
+        img = Image.fromarray((arr * (255.0 / full)).round().clip(0, 255).astype("uint8"), "L")
     if prep.grayscale:
         return img.convert("L").convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
