@@ -51,7 +51,12 @@ _case("L", _half("L", 30, 220), (30, 30, 30), (220, 220, 220))
 # 16-bit greyscale: the full 0..65535 range maps onto 0..255 instead of clipping.
 _case("I;16", _half("I;16", 65535, 32896), (255, 255, 255), (128, 128, 128))
 # 12 significant bits in a 16-bit container (CT, X-ray): 4095 is white, not near-black.
-_case("I;16 12-bit", _half("I;16", 4095, 2048), (255, 255, 255), (128, 128, 128))
+_case(
+    "I;16 12-bit",
+    Image.fromarray(np.repeat([[4095] * 10 + [2048] * 10], 10, axis=0).astype("<u2"), "I;16"),
+    (255, 255, 255),
+    (128, 128, 128),
+)
 _case("CMYK", _half("CMYK", (255, 0, 0, 0), (0, 0, 0, 255)), (0, 255, 255), (0, 0, 0))
 _case("1", _half("1", 1, 0), (255, 255, 255), (0, 0, 0))
 
