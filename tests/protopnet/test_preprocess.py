@@ -53,7 +53,7 @@ _case("I;16", _half("I;16", 65535, 32896), (255, 255, 255), (128, 128, 128))
 # 12 significant bits in a 16-bit container (CT, X-ray): 4095 is white, not near-black.
 _case(
     "I;16 12-bit",
-    Image.fromarray(np.repeat([[4095] * 10 + [2048] * 10], 10, axis=0).astype("<u2"), "I;16"),
+    Image.fromarray(np.repeat([[4095] * 10 + [2048] * 10], 10, axis=0).astype("<u2")),
     (255, 255, 255),
     (128, 128, 128),
 )
