@@ -1,0 +1,195 @@
+"""What an explanation costs beyond the prediction: a bare forward pass vs the service's
+whole /explain path, batch 1, for the demo model and a CUB-scale VGG-19 ProtoPNet.
+
+    python -m bench.explain_latency [--quick] [--repeats-demo 200] [--repeats-vgg 20]
+
+In process, the service's own objects do the work exactly as a request would: the app
+is built by ``service.main.create_app`` and its lifespan loads the model; each image's
+bytes go through ``ExplanationService.explain`` (hash, cache lookup, decode, batched
+forward, maps and boxes, JSON, cache write) and ``present``; only HTTP is left out.
+Every request carries a new image, so none is answered from the cache. The batch window
+is 0 in process (``max_batch=1``): that is the computation, not a queueing policy.
+
+Through HTTP, the same image stream goes to a real uvicorn process with the service's
+default settings (batching on, 5 ms window) and with batching off.
+
+Runs are interleaved (forward, explain, explain with inline PNGs, HTTP, forward, ...)
+so the machine's load affects every column alike; p50s and their ratios are reported.
+Goal: ``ratio`` (explain / forward) at most 1.3 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from bench.common import device_name, p50, write_result
+from bench.serving import ModelSource, RequestImages, demo_model, serve, vgg19_model
+from service.deps import resolve_options
+from service.images import decode_image
+from service.main import create_app
+from service.settings import Settings
+from tests.service.conftest import ServerProcess
+
+GOAL_RATIO = 1.3
+
+
+def _ms(seconds: list[float]) -> float:
+    return round(p50(seconds) * 1000, 3)
+
+
+async def _measure(
+    source: ModelSource,
+    repeats: int,
+    servers: dict[str, ServerProcess],
+    warmup: int = 3,
+) -> dict[str, Any]:
+    """Interleaved timings for one model; p50s in ms and the ratios to the forward."""
+    settings = Settings(
+        store=source.store,
+        default_model=source.ref,
+        models=[],
+        redis_url=None,
+        max_batch=1,
+        max_wait_ms=0,
+        log_level="warning",
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        registry, svc = app.state.registry, app.state.explanations
+        served = await registry.get(source.ref)
+        model = served.model
+        images = RequestImages(served.preprocessing)
+        # The preprocessed image the forward pass sees, decoded as the service does.
+        decoded = decode_image(
+            images(0), served.preprocessing, settings.max_image_pixels, settings.max_map_side
+        )
+        x = decoded.tensor[None]  # (1, 3, S, S)
+
+        def forward() -> None:
+            with torch.inference_mode():
+                model(x)
+
+        async def explain(i: int, heatmaps: str) -> bytes:
+            # The route's work after reading the upload: options, model, explain, present.
+            opts = resolve_options(settings, {"model": source.ref, "heatmaps": heatmaps})
+            srv = await registry.get(opts.model)
+            body, hit = await svc.explain(srv, images(i), opts.top_classes, opts.top_prototypes, "")
+            if hit:
+                raise RuntimeError("a benchmark request was answered from the cache")
+            return await svc.present(body, opts.heatmaps)
+
+        clients = {k: httpx.AsyncClient(base_url=s.url, timeout=120) for k, s in servers.items()}
+        headers = {"Content-Type": images.content_type}
+
+        async def http(i: int, key: str) -> None:
+            r = await clients[key].post("/explain", content=images(i), headers=headers)
+            if r.status_code != 200 or r.headers.get("x-cache") != "miss":
+                raise RuntimeError(f"HTTP {r.status_code} {r.headers.get('x-cache')}: {r.text}")
+
+        times: dict[str, list[float]] = {
+            "forward": [],
+            "explain": [],
+            "explain_inline": [],
+            **{f"http_{k}": [] for k in servers},
+        }
+        i = 1
+        try:
+            for rnd in range(warmup + repeats):
+                steps: list[tuple[str, Any]] = [
+                    ("forward", None),
+                    ("explain", lambda i: explain(i, "url")),
+                    ("explain_inline", lambda i: explain(i, "inline")),
+                    *[(f"http_{k}", lambda i, k=k: http(i, k)) for k in servers],
+                ]
+                for key, fn in steps:
+                    t0 = time.perf_counter()
+                    if fn is None:
+                        forward()
+                    else:
+                        await fn(i)
+                        i += 1
+                    dt = time.perf_counter() - t0
+                    if rnd >= warmup:
+                        times[key].append(dt)
+        finally:
+            for c in clients.values():
+                await c.aclose()
+
+    fwd = p50(times["forward"])
+    out: dict[str, Any] = {
+        "model": source.ref,
+        "trained_weights": source.trained,
+        "trunk": model.config.backbone,
+        "image_size": served.preprocessing.img_size,
+        "prototypes": model.num_prototypes,
+        "classes": model.num_classes,
+        "repeats": repeats,
+        "forward_ms_p50": _ms(times["forward"]),
+        "explain_ms_p50": _ms(times["explain"]),
+        "ratio": round(p50(times["explain"]) / fwd, 3),
+        "explain_inline_ms_p50": _ms(times["explain_inline"]),
+        "ratio_inline": round(p50(times["explain_inline"]) / fwd, 3),
+    }
+    for k in servers:
+        out[f"http_{k}_ms_p50"] = _ms(times[f"http_{k}"])
+        out[f"http_{k}_ratio"] = round(p50(times[f"http_{k}"]) / fwd, 3)
+    out["http_ms_p50"] = out["http_batched_ms_p50"]
+    return out
+
+
+def run_model(source: ModelSource, repeats: int, tmp: Path) -> dict[str, Any]:
+    """Start the HTTP servers for ``source`` and measure."""
+    servers: dict[str, ServerProcess] = {}
+    try:
+        # The service's default batching settings, and batching off.
+        servers["batched"] = serve(tmp, source, log_level="warning")
+        servers["unbatched"] = serve(tmp, source, log_level="warning", max_batch=1)
+        return asyncio.run(_measure(source, repeats, servers))
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
+    ap.add_argument("--repeats-demo", type=int, default=200)
+    ap.add_argument("--repeats-vgg", type=int, default=20)
+    ap.add_argument("--store", type=Path, help="store with the trained demo (default ./store)")
+    ap.add_argument("--no-vgg", action="store_true", help="only the demo model")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats_demo, args.repeats_vgg = 30, 4
+    torch.set_num_threads(os.cpu_count() or 1)
+    results: dict[str, Any] = {"device": device_name(), "goal_ratio": GOAL_RATIO, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-explain-") as d:
+        tmp = Path(d)
+        jobs = [("demo", lambda: demo_model(tmp / "store", args.store), args.repeats_demo)]
+        if not args.no_vgg:
+            jobs.append(("vgg19_224", lambda: vgg19_model(tmp / "store"), args.repeats_vgg))
+        for key, make, repeats in jobs:
+            source = make()
+            r = run_model(source, repeats, tmp)
+            results["models"][key] = r
+            print(
+                f"{key:10s} forward {r['forward_ms_p50']:8.2f} ms | explain "
+                f"{r['explain_ms_p50']:8.2f} ms (x{r['ratio']:.2f}; inline PNGs "
+                f"x{r['ratio_inline']:.2f}) | HTTP {r['http_ms_p50']:8.2f} ms "
+                f"(x{r['http_batched_ratio']:.2f}; batching off x{r['http_unbatched_ratio']:.2f})"
+                f"  goal explain <= x{GOAL_RATIO}"
+            )
+    write_result("explain_latency", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
