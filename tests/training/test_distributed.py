@@ -1,0 +1,62 @@
+"""Multi-process training through torchrun: two CPU processes over gloo."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protopnet.model import create_model
+from tests.training.conftest import REPO, TINY, overrides_args
+from training.checkpoint import load_checkpoint
+from training.config import load_config
+from training.data import build_splits
+from training.run import plan_units
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_gloo_processes_train_a_model_of_the_same_shape(tmp_path: Path) -> None:
+    run_dir = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "training", "--no-progress", "train", "--config", "synthetic",
+        "--run-dir", str(run_dir), *overrides_args([*TINY, "train.channels_last=false"]),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert summary["best"]["test_accuracy"] is not None  # printed once, by rank 0
+
+    cfg = load_config("synthetic", TINY)
+    tensors, meta = load_checkpoint(run_dir / "checkpoints", "last")
+    single = create_model(cfg.model.architecture(cfg.data.synthetic.num_classes)).state_dict()
+    got = {k[len("model.") :]: v.shape for k, v in tensors.items() if k.startswith("model.")}
+    assert got == {k: v.shape for k, v in single.items()}
+    assert meta["units_done"] == len(plan_units(cfg.train))
+    hist = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Rank 0 logs its own shard: half of every epoch (DistributedSampler), whole batches.
+    n_train = len(build_splits(cfg.data, cfg.train.seed).train)
+    sgd = [h for h in hist if h["stage"] in ("warm", "joint")]
+    assert len(sgd) == cfg.train.epochs
+    assert all(0 < h["train"]["images"] <= math.ceil(n_train / 2) for h in sgd)
