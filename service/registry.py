@@ -107,7 +107,8 @@ class ModelRegistry:
         self._models: OrderedDict[str, ServedModel] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self.ready = False
-        self.error: str | None = None
+        self.error: str | None = None  # the start-up failures, one line
+        self.failures: dict[str, str] = {}  # start-up ref -> last error
 
     @property
     def loaded_refs(self) -> list[str]:
@@ -158,22 +159,32 @@ class ModelRegistry:
         return served
 
     async def load_startup_models(self, retry_s: float = 5.0) -> None:
-        """Load and warm the configured models; ``ready`` once all of them are.
+        """Load and warm the configured models, each on its own.
 
-        A model missing from the store (not published yet) or failing to load is retried
-        every ``retry_s`` seconds; /readyz shows the last error meanwhile.
+        ``ready`` once every start-up model has been tried and at least one serves: a
+        corrupted or missing model must not take a replica that serves the others out of
+        rotation. Models that failed are listed in ``failures`` (shown by /readyz, naming
+        the file for a damaged artifact) and retried every ``retry_s`` seconds, so one
+        published or repaired later is picked up without a restart.
         """
-        while True:
-            try:
-                for ref in self.settings.startup_models():
+        pending = list(dict.fromkeys(self.settings.startup_models()))
+        while pending:
+            still: list[str] = []
+            for ref in pending:
+                try:
                     await self.get(ref)
-            except Exception as e:
-                self.error = f"{type(e).__name__}: {e}"
-                log.error("start-up model loading failed (retrying): %s", self.error)
+                    self.failures.pop(ref, None)
+                except Exception as e:
+                    self.failures[ref] = f"{type(e).__name__}: {e}"
+                    log.error(
+                        "start-up model %s failed to load (retrying): %s", ref, self.failures[ref]
+                    )
+                    still.append(ref)
+            self.ready = bool(self._models)
+            self.error = "; ".join(f"{r}: {m}" for r, m in self.failures.items()) or None
+            pending = still
+            if pending:
                 await asyncio.sleep(retry_s)
-                continue
-            self.ready, self.error = True, None
-            return
 
     async def close(self) -> None:
         for served in list(self._models.values()):

@@ -228,8 +228,9 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    """ready: models loaded and warmed up, Redis reachable. degraded: ready, but Redis is
-    unreachable and explanations are cached in this replica only. starting / failed: 503."""
+    """ready: models loaded and warmed up, Redis reachable. degraded (still 200): serving,
+    but Redis is unreachable (explanations cached in this replica only) or a start-up model
+    failed to load (named in ``detail``). starting / failed (503): nothing to serve yet."""
 
     status: Literal["ready", "degraded", "starting", "failed"]
     models: list[str]

@@ -26,19 +26,25 @@ async def healthz() -> Health:
     responses={503: {"model": Readiness, "description": "models not loaded yet, or failing"}},
 )
 async def readyz(registry: RegistryDep, cache: CacheDep) -> JSONResponse:
-    """200 once the start-up models are loaded and warmed up.
+    """200 once the start-up models are tried and at least one is loaded and warmed up.
 
-    ``status`` is "degraded" (still 200) while Redis is unreachable: the replica keeps
-    answering from its in-process cache, so taking it out of rotation would not help.
+    ``status`` is "degraded" (still 200) while Redis is unreachable, or while a start-up
+    model failed to load (a damaged artifact is named in ``detail``): the replica keeps
+    serving what it can, so taking it out of rotation would not help.
     """
     status: Literal["ready", "degraded", "starting", "failed"]
+    problems = []
+    if registry.error:
+        problems.append(f"models failed to load: {registry.error}")
     if registry.ready:
-        status = "degraded" if cache.state == "degraded" else "ready"
-        detail = f"redis unreachable: {cache.last_error}" if status == "degraded" else None
+        if cache.state == "degraded":
+            problems.append(f"redis unreachable: {cache.last_error}")
+        status = "degraded" if problems else "ready"
+        detail = "; ".join(problems) or None
         code = 200
     else:
         status = "failed" if registry.error else "starting"
-        detail = registry.error or "loading and warming up models"
+        detail = "; ".join(problems) or "loading and warming up models"
         code = 503
     body = Readiness(status=status, models=registry.loaded_refs, cache=cache.state, detail=detail)
     return JSONResponse(body.model_dump(), status_code=code)

@@ -36,11 +36,33 @@ from service.settings import Settings
 
 router = APIRouter(prefix="/v1/models", tags=["kserve"], dependencies=[ApiKey])
 
+
+def _inlined_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its ``$defs`` substituted in place.
+
+    ``openapi_extra`` is copied into the OpenAPI document as is, where ``#/$defs/...``
+    would point nowhere; the KServe models are small and not recursive, so inline them.
+    """
+    defs = schema.get("$defs", {})
+
+    def sub(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return sub(defs[ref.removeprefix("#/$defs/")])
+            return {k: sub(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [sub(v) for v in node]
+        return node
+
+    return sub(schema)
+
+
 _BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": KServeRequest.model_json_schema()},
+            "application/json": {"schema": _inlined_schema(KServeRequest.model_json_schema())},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }

@@ -28,7 +28,8 @@ def test_redis_killed_and_restarted_under_load_fails_no_request(
     # Load was running in each phase, and the service noticed the outage and the recovery.
     for phase in ("before", "during", "after"):
         assert r[phase]["requests"] > 0, f"no request {phase} the outage"
-    assert r["readyz_while_down"] == ["degraded"]
+    assert "degraded" in r["readyz_while_down"], r["readyz_while_down"]
+    assert set(r["readyz_while_down"]) <= {"ready", "degraded"}  # never out of rotation
     assert r["readyz_after"] == "ready" and r["redis_up_metric_after"] == 1.0
     assert r["explain_after_status"] == 200 and r["stored_in_redis_after"]
 
@@ -74,12 +75,6 @@ def test_corrupted_artifact_is_refused_naming_the_file(corrupt: dict[str, Any]) 
     assert path in corrupt["readyz"]["detail"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service bug: one corrupted start-up model keeps /readyz at 503 'failed' forever, "
-    "so an orchestrator takes the replica out of rotation although it serves every other "
-    "model (service/registry.py load_startup_models; see the reliability report)",
-)
 def test_corrupted_artifact_does_not_take_the_replica_out_of_rotation(
     corrupt: dict[str, Any],
 ) -> None:

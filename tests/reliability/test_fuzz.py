@@ -32,12 +32,6 @@ def test_schemathesis_finds_no_server_error(fuzzed: dict[str, Any]) -> None:
     assert four > 0 and fuzzed["server_statuses"].get("200", 0) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service bug: the KServe routes' request schema (service/routes/kserve.py, "
-    "KServeRequest.model_json_schema() inlined) refers to #/$defs/KServeB64, which is not "
-    "in the OpenAPI document; client generators and schemathesis skip that body",
-)
 def test_openapi_references_all_resolve(fuzzed: dict[str, Any]) -> None:
     assert fuzzed["unresolved_refs"] == []
     assert fuzzed["skipped_schema_parts"] == []
