@@ -287,8 +287,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     env = {**os.environ, "PROTOPNET_STORE": str(store_root), "PROTOPNET_DEFAULT_MODEL": name}
     cmd = [
-        sys.executable, "-m", "uvicorn", "service.main:app",
-        "--host", args.host, "--port", str(args.port),
+        sys.executable, "-m", "service",
+        "--host", args.host, "--port", str(args.port), "--store", str(store_root),
     ]  # fmt: skip
     print(f"serving {name} on http://{args.host}:{args.port}", flush=True)
     os.execvpe(cmd[0], cmd, env)  # the service runs in its own process, never imported here

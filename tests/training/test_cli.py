@@ -101,3 +101,69 @@ def test_push_verb_and_ensemble(parts_run) -> None:  # type: ignore[no-untyped-d
     assert res["ensemble_prototypes"] == sum(m["prototypes"] for m in res["members"])
     assert 0.0 <= res["ensemble_accuracy"] <= 1.0
     assert res["ensemble_accuracy"] >= min(m["accuracy"] for m in res["members"]) - 0.1
+
+
+@pytest.mark.slow
+def test_demo_serves_the_published_model(parts_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`make demo`'s command: with the model already in the store it skips training and
+    starts the real service on it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.training.conftest import REPO
+
+    store = tmp_path / "store"
+    exp = run_cli(
+        "export", "--run-dir", str(parts_run.run_dir), "--name", "fashion", "--store", str(store)
+    )
+    assert exp.returncode == 0, exp.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "--no-progress",
+            "demo",
+            "--store",
+            str(store),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PROTOPNET_REDIS_URL"},  # no Redis
+    )
+    try:
+        deadline = time.monotonic() + 120
+        body = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/models/fashion", timeout=2)
+                if r.status_code == 200:
+                    body = r.json()
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert body is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert "fashion" in str(body) and "red square" in str(body)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out = proc.stdout.read() if proc.stdout else ""
+    assert f"serving fashion on http://127.0.0.1:{port}" in out
+    assert "published fashion@" not in out  # the store had the model: no training
