@@ -1,0 +1,169 @@
+"""Training speed: images per second of the joint stage, beside the plain baseline.
+
+    python -m bench.training              # demo, synthetic and VGG-19 (224 px) cases
+    python -m bench.training --steps 10   # fewer steps per measurement
+
+For each case two numbers are measured on the same device, batch and input size:
+``protopnet``: one joint-stage SGD step (trunk + add-on + prototype distances + the full
+loss: CE, cluster, separation, L1) and ``baseline``: the same trunk with global average
+pooling and a linear head (CE only), so ``protopnet_over_baseline`` is the cost of the
+prototype layer. ``epoch``: a real joint epoch through ``training.engine.train_epoch``
+with the DataLoader and online augmentation (demo and synthetic only). On CUDA the
+steps run under mixed precision as the trainer does. Results: bench/results/training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from bench.accuracy import Baseline
+from bench.common import device_name, p50, write_result
+from protopnet.config import ProtoPNetConfig
+from protopnet.model import create_model
+from training import engine
+from training.config import LossCoefficients, load_config
+from training.data import TransformedImages, build_splits
+from training.transforms import TrainTransform
+
+
+def _cases() -> dict[str, dict[str, Any]]:
+    demo = load_config("fashion_mnist")
+    syn = load_config("synthetic")
+    return {
+        "demo": {"cfg": demo, "batch": demo.train.batch_size},
+        "synthetic": {"cfg": syn, "batch": syn.train.batch_size},
+        "vgg19_224": {
+            "arch": ProtoPNetConfig.model_validate(
+                {
+                    "backbone": "vgg19",
+                    "num_classes": 200,
+                    "prototypes_per_class": 10,
+                    "prototype_depth": 128,
+                    "img_size": 224,
+                    "add_on": "regular",
+                }
+            ),
+            "batch": 8,
+        },
+    }
+
+
+def _step_times(
+    step: Any, x: torch.Tensor, y: torch.Tensor, steps: int, device: torch.device
+) -> list[float]:
+    for _ in range(2):
+        step(x, y)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def measure(name: str, case: dict[str, Any], steps: int, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    cfg = case.get("cfg")
+    if cfg is not None:
+        splits = build_splits(cfg.data, cfg.train.seed)
+        arch = cfg.model.architecture(len(splits.class_names))
+    else:
+        arch = case["arch"]
+    B, S = case["batch"], arch.img_size
+    amp = engine.amp_dtype_for(device, True)
+    coefs = LossCoefficients()
+    memory_format = torch.channels_last
+
+    model = create_model(arch).to(device).to(memory_format=memory_format)
+    engine.set_stage(model, "joint")
+    forward = engine.TrainForward(model, amp)
+    opt = engine.joint_optimizer(model, load_config("synthetic").train.lr)
+
+    def proto_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        logits, min_d = forward(x)
+        terms = engine.loss_terms(model, logits, min_d, y, coefs, "joint")
+        opt.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        opt.step()
+
+    base = Baseline(arch.backbone, arch.num_classes).to(device).to(memory_format=memory_format)
+    base_opt = torch.optim.Adam(base.parameters(), lr=1e-4)
+
+    def base_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.cross_entropy(base(x), y)
+        base_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        base_opt.step()
+
+    x = torch.randn(B, 3, S, S, device=device).contiguous(memory_format=memory_format)
+    y = torch.arange(B, device=device) % arch.num_classes
+    proto = _step_times(proto_step, x, y, steps, device)
+    baseline = _step_times(base_step, x, y, steps, device)
+    out: dict[str, Any] = {
+        "case": name,
+        "backbone": arch.backbone,
+        "img_size": S,
+        "batch": B,
+        "prototypes": arch.num_prototypes,
+        "amp": str(amp) if amp else None,
+        "protopnet_images_per_s": round(B / p50(proto), 1),
+        "baseline_images_per_s": round(B / p50(baseline), 1),
+        "protopnet_over_baseline": round(p50(proto) / p50(baseline), 2),
+    }
+    if cfg is not None:  # a real epoch slice: DataLoader, augmentation, the engine's loop
+        n = min(len(splits.train), B * steps * 2)
+        ds = TransformedImages(
+            splits.train.subset(range(n)),
+            TrainTransform(cfg.model.preprocessing(), cfg.data.augment),
+        )
+        loader = DataLoader(ds, batch_size=B, shuffle=True, num_workers=cfg.data.num_workers)
+        stats = engine.train_epoch(
+            model, forward, loader, opt, coefs, "joint", device, True, None, progress=False
+        )
+        out["epoch_images_per_s"] = round(stats["images_per_s"], 1)
+        out["epoch_workers"] = cfg.data.num_workers
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--cases", nargs="*", default=list(_cases()))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = engine.pick_device("auto")
+    cases = _cases()
+    results = []
+    for name in args.cases:
+        steps = (
+            max(3, args.steps // 4)
+            if name.startswith("vgg") and device.type == "cpu"
+            else args.steps
+        )
+        r = measure(name, cases[name], steps, device)
+        results.append(r)
+        epoch = f", epoch {r['epoch_images_per_s']:.0f} img/s" if "epoch_images_per_s" in r else ""
+        print(
+            f"{name:10s} joint step {r['protopnet_images_per_s']:8.1f} img/s | baseline "
+            f"{r['baseline_images_per_s']:8.1f} img/s | x{r['protopnet_over_baseline']}{epoch}",
+            flush=True,
+        )
+    write_result("training", {"device": device_name(device), "cases": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
