@@ -86,7 +86,8 @@ def test_published_prototypes_come_from_their_own_class(parts_run) -> None:  # t
 
 
 def test_prototypes_point_at_the_part(parts_run) -> None:  # type: ignore[no-untyped-def]
-    """Most prototypes' boxes overlap the coloured part of their source image."""
+    """Most prototypes' 95th-percentile boxes hold the centre of the coloured part of their
+    source image (the part defines the class; the clutter is the same for every class)."""
     m = ModelStore(parts_run.store).load("parts").manifest
     cfg = load_config("synthetic")
     train = build_splits(cfg.data, cfg.train.seed).train
@@ -94,9 +95,10 @@ def test_prototypes_point_at_the_part(parts_run) -> None:  # type: ignore[no-unt
     hits = 0
     for r in m.prototypes:
         px0, py0, px1, py1 = box_of[r.source_image_id]
+        cx, cy = (px0 + px1) / 2, (py0 + py1) / 2
         x0, y0, x1, y1 = r.box  # type: ignore[misc]
-        hits += int(x0 < px1 and px0 < x1 and y0 < py1 and py0 < y1)
-    assert hits / len(m.prototypes) >= 0.5
+        hits += int(x0 <= cx < x1 and y0 <= cy < y1)
+    assert hits / len(m.prototypes) >= 0.75
 
 
 def test_published_model_predicts_like_the_run(parts_run) -> None:  # type: ignore[no-untyped-def]
