@@ -357,25 +357,30 @@ def training_kill_resume(tmp: Path) -> dict[str, Any]:
 
 
 def fuzz(tmp: Path, source: ModelSource, max_time_s: float = 60.0, seed: int = 1) -> dict[str, Any]:
-    """schemathesis (all phases, default generators) against the served OpenAPI schema,
-    checking only that no response is a 5xx; the server's own metrics count them too."""
+    """``fuzz_server`` against a fresh server for ``source``."""
     server = serve(tmp, source, log_level="warning")
-    junit = tmp / "schemathesis-junit.xml"
-    cli = Path(sys.executable).parent / "schemathesis"
-    cmd = [str(cli), "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error"]
-    cmd += ["--max-time", str(int(max_time_s)), "--seed", str(seed), "--workers", "1"]
-    cmd += ["--request-timeout", "60", "--report", "junit", "--report-junit-path", str(junit)]
     try:
-        spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
-        before = _server_requests(httpx.get(server.url + "/metrics", timeout=30).text)
-        t0 = time.monotonic()
-        st = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=max_time_s + 120)
-        seconds = time.monotonic() - t0
-        metrics = httpx.get(server.url + "/metrics", timeout=30).text
+        return fuzz_server(server.url, tmp, max_time_s, seed)
     finally:
         server.stop()
+
+
+def fuzz_server(url: str, tmp: Path, max_time_s: float = 60.0, seed: int = 1) -> dict[str, Any]:
+    """schemathesis (every phase, default generators) against the OpenAPI schema served at
+    ``url``, checking only that no response is a 5xx; the server's metrics count them too."""
+    junit = tmp / "schemathesis-junit.xml"
+    cli = Path(sys.executable).parent / "schemathesis"
+    cmd = [str(cli), "run", f"{url}/openapi.json", "--checks", "not_a_server_error"]
+    cmd += ["--max-time", str(int(max_time_s)), "--seed", str(seed), "--workers", "1"]
+    cmd += ["--request-timeout", "60", "--report", "junit", "--report-junit-path", str(junit)]
+    spec = httpx.get(url + "/openapi.json", timeout=30).json()
+    before = _server_requests(httpx.get(url + "/metrics", timeout=30).text)
+    t0 = time.monotonic()
+    # cwd: schemathesis keeps a cache folder (.schemathesis/) in its working directory.
+    st = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=max_time_s + 120)
+    seconds = time.monotonic() - t0
     # Only what the fuzzer caused (not the start-up readiness probes).
-    after = _server_requests(metrics)
+    after = _server_requests(httpx.get(url + "/metrics", timeout=30).text)
     requests = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
     tests = failures = 0
     if junit.exists():
@@ -388,6 +393,7 @@ def fuzz(tmp: Path, source: ModelSource, max_time_s: float = 60.0, seed: int = 1
         "seconds": round(seconds, 1),
         "operations": tests,
         "failed_operations": failures,
+        "failures": re.findall(r"_{3,} (\w+ \S+) _{3,}", st.stdout),
         "server_requests": sum(requests.values()),
         "server_statuses": requests,
         "server_5xx": sum(n for code, n in requests.items() if code.startswith("5")),

@@ -78,7 +78,10 @@ def test_corrupted_artifact_is_refused_naming_the_file(corrupt: dict[str, Any]) 
 def test_corrupted_artifact_does_not_take_the_replica_out_of_rotation(
     corrupt: dict[str, Any],
 ) -> None:
+    """The replica serves the other model, so it stays ready: degraded, naming the file."""
     assert corrupt["readyz"]["status_code"] == 200
+    assert corrupt["readyz"]["status"] == "degraded"
+    assert corrupt["readyz"]["models"] == ["good@1"]
     assert corrupt["corrupted_file"] in corrupt["readyz"]["detail"]
 
 
