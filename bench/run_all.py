@@ -33,8 +33,8 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
     "service_throughput": ([], ["--quick"]),
     "load": ([], ["--quick"]),
     "faults": ([], ["--quick"]),
-    "push": ([], ["--quick"]),
-    "training": ([], ["--quick"]),
+    "push": ([], ["--cases", "demo", "synthetic"]),
+    "training": ([], ["--steps", "5", "--cases", "demo", "synthetic"]),
     # Trains two models for many epochs; a smoke-size run would only overwrite the real
     # figure with a meaningless one.
     "accuracy": ([], None),
