@@ -25,18 +25,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from protopnet.errors import ProtoPNetError
 from protopnet.losses import average_separation_cost, cluster_cost, last_layer_l1, separation_cost
 from protopnet.model import ProtoPNet
-from training.config import LearningRates, LossCoefficients
+from training.config import ConfigError, LearningRates, LossCoefficients
 
 Stage = Literal["warm", "joint", "last"]
+
+
+class DivergedError(ProtoPNetError):
+    """The training loss became NaN or infinite."""
 
 
 def pick_device(choice: str = "auto") -> torch.device:
     """CUDA when present (or asked for), else the CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+            raise ConfigError(
+                "train.device is 'cuda' but no CUDA device is available; valid here: auto, cpu"
+            )
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -208,7 +215,10 @@ def train_epoch(
         logits, min_d = forward(x)  # (B, K), (B, P)
         terms = loss_terms(model, logits, min_d, y, coefs, stage)
         if not math.isfinite(float(terms.loss.detach())):
-            raise FloatingPointError(f"{desc}: the loss became {float(terms.loss.detach())}")
+            raise DivergedError(
+                f"{desc}: the loss became {float(terms.loss.detach())}; lower the learning "
+                "rates (train.lr.*) or the batch size and resume from the last checkpoint"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(terms.loss).backward()
