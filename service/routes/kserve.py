@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -80,7 +79,8 @@ async def _instances(request: Request, settings: Settings) -> tuple[list[bytes],
     try:
         req = KServeRequest.model_validate_json(body)
     except ValidationError as e:
-        raise BadOptionError(validation_message(json.loads(e.json()))) from None
+        # e.errors(), not e.json(): the latter cannot encode a non-UTF-8 body it quotes.
+        raise BadOptionError(validation_message(e.errors(include_url=False))) from None
     if len(req.instances) > settings.max_instances:
         raise BadOptionError(
             f"{len(req.instances)} instances in one request; the limit is "
