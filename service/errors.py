@@ -163,9 +163,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ProtoPNetError)
     async def _domain(request: Request, exc: ProtoPNetError) -> JSONResponse:
-        # A model or store problem on our side (e.g. a tampered artifact), not the client's.
+        # A model or store problem on our side (e.g. a tampered artifact), not the client's:
+        # 503, since another replica or a repaired version may serve it; the message names
+        # the damaged file.
         log.error("domain error: %s", exc, extra={"request_id": request_id_of(request)})
-        return error_response(request, 500, "model_error", str(exc))
+        return error_response(request, 503, "model_unavailable", str(exc))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

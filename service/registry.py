@@ -109,6 +109,7 @@ class ModelRegistry:
         self.ready = False
         self.error: str | None = None  # the start-up failures, one line
         self.failures: dict[str, str] = {}  # start-up ref -> last error
+        self._failed: dict[str, tuple[float, Exception]] = {}  # name@version -> (when, error)
 
     @property
     def loaded_refs(self) -> list[str]:
@@ -130,11 +131,21 @@ class ModelRegistry:
         if served is not None:
             self._models.move_to_end(key)
             return served
+        failed = self._failed.get(key)
+        if failed is not None and time.monotonic() - failed[0] < self.settings.model_retry_s:
+            # A version that just failed to load (damaged artifact) is not re-hashed and
+            # re-logged on every request; it is tried again after model_retry_s.
+            raise failed[1]
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             served = self._models.get(key)
             if served is None:
-                served = await self._load(key)
+                try:
+                    served = await self._load(key)
+                except Exception as e:
+                    self._failed[key] = (time.monotonic(), e)
+                    raise
+                self._failed.pop(key, None)
         return served
 
     async def _load(self, key: str) -> ServedModel:

@@ -68,7 +68,8 @@ def test_corrupted_artifact_is_refused_naming_the_file(corrupt: dict[str, Any]) 
     assert corrupt["explain_good_status"] == 200
     # Asking for the broken one: an error naming the file, never a served model.
     broken = corrupt["explain_broken"]
-    assert broken["status_code"] >= 400 and path in broken["error"]["message"]
+    assert broken["status_code"] == 503 and broken["error"]["code"] == "model_unavailable"
+    assert path in broken["error"]["message"]
     # /models lists it (it is in the store) but never as loaded.
     assert corrupt["models_listed"]["broken"]["loaded"] == []
     assert corrupt["models_listed"]["good"]["loaded"] == ["1"]
