@@ -31,7 +31,9 @@ from protopnet.model import create_model
 if TYPE_CHECKING:
     from tests.service.conftest import ServerProcess
 
-DEMO_NAME = "fashion"  # the demo model's name in the store (training/configs/fashion_mnist.yaml)
+DEMO_NAME = (
+    "fashion-mnist"  # the demo model's name in the store (training/configs/fashion_mnist.yaml)
+)
 DEMO_ALIAS = "production"
 RANDOM_DEMO = "demo-random"  # a random-weight stand-in with the demo's architecture
 VGG19_NAME = "vgg19-cub-random"
@@ -107,7 +109,7 @@ def serve(
 def demo_model(
     scratch: Path, store_root: Path | None = None, prefer_trained: bool = True
 ) -> ModelSource:
-    """The trained demo model (``fashion@production``) when ``prefer_trained`` and the store
+    """The trained demo model (``fashion-mnist@production``) when ``prefer_trained`` and the store
     (default: $PROTOPNET_STORE or ./store) has it, else a random-weight model of the same
     architecture published into ``scratch`` (tests always use the stand-in, so they do
     not depend on what a developer has trained)."""

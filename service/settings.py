@@ -23,7 +23,9 @@ class Settings(BaseSettings):
 
     # -- models ---------------------------------------------------------------------
     store: Path = Path("store")  # the model store's root folder (a volume in Docker)
-    default_model: str = "fashion"  # name, name@version or name@alias
+    default_model: str = (
+        "fashion-mnist@production"  # the demo model; name, name@version or name@alias
+    )
     # Loaded and warmed up at start-up (default: the default model). Others load on demand.
     models: CommaList = Field(default_factory=list)
     max_loaded_models: int = Field(default=4, ge=1)  # least recently used ones are unloaded

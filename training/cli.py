@@ -266,33 +266,107 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "ankle-boot.png"
+
+
+def _wait_ready(url: str, proc: Any, timeout_s: float = 180.0) -> bool:
+    """Poll /readyz until the service answers 200 (or the process dies)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def _explain_example(url: str, ref: str) -> str | None:
+    """POST the bundled example image; the id of its explanation, or None."""
+    import httpx
+
+    if not EXAMPLE_IMAGE.is_file():
+        return None
+    try:
+        with open(EXAMPLE_IMAGE, "rb") as f:
+            r = httpx.post(
+                f"{url}/explain",
+                params={"model": ref},
+                files={"image": (EXAMPLE_IMAGE.name, f, "image/png")},
+                timeout=60,
+            )
+    except httpx.HTTPError:
+        return None
+    return str(r.json()["id"]) if r.status_code == 200 else None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train and publish the Fashion-MNIST demo model unless the store has it; serve it."""
+    """Train and publish the Fashion-MNIST demo model unless the store has it; serve it.
+
+    The service runs as a child process (``python -m service``; training never imports
+    it); once it is ready the bundled example is explained so the printed report link
+    works at once.
+    """
+    import signal
+    import subprocess
+
     from model_store import ModelStore
+    from protopnet.errors import UnknownNameError
     from training.config import load_config
     from training.export import export_run
     from training.run import Trainer
 
     cfg = load_config("fashion_mnist")
     name = cfg.export.name or cfg.name
+    ref = f"{name}@production"
     store_root = args.store or cfg.export.store or os.environ.get("PROTOPNET_STORE") or "store"
     store = ModelStore(store_root)
-    if args.retrain or name not in store.names():
+    try:
+        have = not args.retrain and bool(store.resolve(ref))
+    except (UnknownNameError, ProtoPNetError):
+        have = False
+    if not have:
+        print(f"training the demo model ({ref} is not in {store_root})", flush=True)
         run_dir = cfg.runs_dir / cfg.name
         trainer = Trainer(cfg, run_dir, progress=not args.no_progress)
         trainer.run(resume=True)
         manifest = export_run(run_dir, store_root=store_root)
         print(f"published {manifest.name}@{manifest.version} to {store_root}", flush=True)
+    else:
+        print(f"reusing {ref} from {store_root}", flush=True)
     if args.no_serve:
         return 0
-    env = {**os.environ, "PROTOPNET_STORE": str(store_root), "PROTOPNET_DEFAULT_MODEL": name}
+    env = {**os.environ, "PROTOPNET_STORE": str(store_root), "PROTOPNET_DEFAULT_MODEL": ref}
     cmd = [
         sys.executable, "-m", "service",
         "--host", args.host, "--port", str(args.port), "--store", str(store_root),
     ]  # fmt: skip
-    print(f"serving {name} on http://{args.host}:{args.port}", flush=True)
-    os.execvpe(cmd[0], cmd, env)  # the service runs in its own process, never imported here
-    return 0
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {name} on {url}", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    # Ctrl-C / SIGTERM reach the service, which finishes in-flight requests and exits.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: proc.send_signal(s))
+    if _wait_ready(url, proc):
+        example = _explain_example(url, ref)
+        rel = os.path.relpath(EXAMPLE_IMAGE)
+        lines = [
+            "",
+            f"  API docs:       {url}/docs",
+            f"  models:         {url}/models",
+            f"  try it:         curl -F image=@{rel} '{url}/explain?top_classes=3'",
+        ]
+        if example:
+            lines.append(f"  example report: {url}/explanations/{example}/report")
+        lines.append("  stop:           Ctrl-C")
+        print("\n".join(lines) + "\n", flush=True)
+    rc = proc.wait()
+    return 0 if rc in (0, -signal.SIGINT, -signal.SIGTERM) else rc
 
 
 COMMANDS = {

@@ -120,8 +120,9 @@ def test_demo_serves_the_published_model(parts_run, tmp_path: Path) -> None:  # 
 
     store = tmp_path / "store"
     exp = run_cli(
-        "export", "--run-dir", str(parts_run.run_dir), "--name", "fashion", "--store", str(store)
-    )
+        "export", "--run-dir", str(parts_run.run_dir), "--name", "fashion-mnist",
+        "--alias", "production", "--store", str(store),
+    )  # fmt: skip
     assert exp.returncode == 0, exp.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,12 +145,13 @@ def test_demo_serves_the_published_model(parts_run, tmp_path: Path) -> None:  # 
         text=True,
         env={k: v for k, v in os.environ.items() if k != "PROTOPNET_REDIS_URL"},  # no Redis
     )
+    seen: list[str] = []
     try:
         deadline = time.monotonic() + 120
         body = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/models/fashion", timeout=2)
+                r = httpx.get(f"http://127.0.0.1:{port}/models/fashion-mnist", timeout=2)
                 if r.status_code == 200:
                     body = r.json()
                     break
@@ -157,13 +159,24 @@ def test_demo_serves_the_published_model(parts_run, tmp_path: Path) -> None:  # 
                 pass
             time.sleep(0.5)
         assert body is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
-        assert "fashion" in str(body) and "red square" in str(body)
+        assert "fashion-mnist" in str(body) and "red square" in str(body)
+        # The bundled example is explained once the service is ready: its report works.
+        report = None
+        while time.monotonic() < deadline and report is None and proc.poll() is None:
+            line = proc.stdout.readline() if proc.stdout else ""
+            seen.append(line)
+            if "example report:" in line:
+                report = line.split("example report:")[1].strip()
+        assert report is not None, "the demo printed no example report link"
+        page = httpx.get(report, timeout=30)
+        assert page.status_code == 200 and "<img" in page.text
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    out = proc.stdout.read() if proc.stdout else ""
-    assert f"serving fashion on http://127.0.0.1:{port}" in out
-    assert "published fashion@" not in out  # the store had the model: no training
+    out = "".join(seen) + (proc.stdout.read() if proc.stdout else "")
+    assert f"serving fashion-mnist on http://127.0.0.1:{port}" in out
+    assert "reusing fashion-mnist@production" in out  # the store had the model: no training
+    assert "published fashion-mnist@" not in out
