@@ -45,7 +45,7 @@ def test_fashion_mnist_subset_trains_pushes_and_publishes(tmp_path: Path) -> Non
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{") :])
-    assert summary["best"]["test_accuracy"] > 0.5  # chance is 0.1
+    assert summary["best"]["test_accuracy"] > 0.4  # chance is 0.1
     loaded = ModelStore(store).load("fashion-mnist@production")
     assert loaded.manifest.class_names[0] == "T-shirt/top"
     assert loaded.manifest.preprocessing.grayscale and loaded.manifest.preprocessing.img_size == 28
