@@ -43,7 +43,11 @@ def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train, push, prune, evaluate and export ProtoPNets.",
+        epilog="Example: python -m training train --config fashion_mnist --set train.epochs=3",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
