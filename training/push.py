@@ -14,8 +14,10 @@ naming the classes, never a silently unprojected prototype.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +32,7 @@ from protopnet.errors import ProtoPNetError
 from protopnet.explain import percentile_boxes, place_maps
 from protopnet.model import ProtoPNet
 from protopnet.preprocess import eval_transform, to_model_mode
-from protopnet.push import NearestPatchSearch
+from protopnet.push import NearestPatches, NearestPatchSearch
 from protopnet.visualize import crop, draw_boxes, overlay
 from training.data import ImageSet, TransformedImages
 
@@ -222,49 +224,93 @@ def boxes_on_source(
     return canvas, boxes
 
 
+def _draw_source(
+    images: ImageSet,
+    i: int,
+    js: list[int],
+    maps: torch.Tensor,
+    prep: Preprocessing,
+    visualize: bool,
+) -> tuple[tuple[int, int], list[tuple[int, int, int, int]], list[PrototypeVisuals]]:
+    """Boxes (and pictures) of prototypes ``js`` on their common source image ``i``."""
+    rgb = source_rgb(images, i, prep)
+    H, W = rgb.shape[:2]
+    canvas, boxes = boxes_on_source(maps[js], (W, H), prep)  # (J, H, W), (J, 4)
+    box_list = [(int(b[0]), int(b[1]), int(b[2]), int(b[3])) for b in boxes.tolist()]
+    pictures = []
+    if visualize:
+        for n, box in enumerate(box_list):
+            pictures.append(
+                PrototypeVisuals(
+                    patch=crop(rgb, box),
+                    source=draw_boxes(rgb, [box]),
+                    activation=overlay(rgb, canvas[n].numpy()),
+                )
+            )
+    return (W, H), box_list, pictures
+
+
+def _draw_all(
+    images: ImageSet,
+    by_image: dict[int, list[int]],
+    maps: torch.Tensor,
+    prep: Preprocessing,
+    visualize: bool,
+) -> dict[int, tuple[tuple[int, int], tuple[int, int, int, int], PrototypeVisuals | None]]:
+    """Per prototype: source size, box and pictures. Each source image is loaded once;
+    images are drawn on a few threads (OpenCV and torch release the GIL)."""
+    workers = max(1, min(4, os.cpu_count() or 1, len(by_image)))
+    items = list(by_image.items())
+    with ThreadPoolExecutor(workers) as pool:
+        drawn = list(
+            pool.map(
+                lambda item: _draw_source(images, item[0], item[1], maps, prep, visualize), items
+            )
+        )
+    out: dict[int, tuple[tuple[int, int], tuple[int, int, int, int], PrototypeVisuals | None]] = {}
+    for (_, js), (size, boxes, pictures) in zip(items, drawn, strict=True):
+        for n, j in enumerate(js):
+            out[j] = (size, boxes[n], pictures[n] if visualize else None)
+    return out
+
+
 def _records_and_visuals(
     model: ProtoPNet,
     images: ImageSet,
     prep: Preprocessing,
-    res: object,
+    res: NearestPatches,
     sim_maps: torch.Tensor,
     src: list[int],
     visualize: bool,
 ) -> tuple[list[PrototypeRecord], dict[int, PrototypeVisuals]]:
-    """Boxes and pictures, loading each winning source image once."""
+    """Provenance records, boxes and pictures of every prototype."""
     classes = model.prototype_classes.cpu().tolist()
     by_image: dict[int, list[int]] = {}
     for j, i in enumerate(src):
         by_image.setdefault(i, []).append(j)
-    distance = res.distance.cpu().tolist()  # type: ignore[attr-defined]
-    patch_hw = res.patch_hw.cpu().tolist()  # type: ignore[attr-defined]
-    records: list[PrototypeRecord | None] = [None] * len(src)
+    drawn = _draw_all(images, by_image, sim_maps, prep, visualize)
+    distance = res.distance.cpu().tolist()
+    patch_hw = res.patch_hw.cpu().tolist()
+    records: list[PrototypeRecord] = []
     visuals: dict[int, PrototypeVisuals] = {}
-    for i, js in by_image.items():
-        rgb = source_rgb(images, i, prep)
-        H, W = rgb.shape[:2]
-        canvas, boxes = boxes_on_source(sim_maps[js], (W, H), prep)
-        for n, j in enumerate(js):
-            box = tuple(int(v) for v in boxes[n].tolist())
-            records[j] = PrototypeRecord(
+    for j, i in enumerate(src):
+        size, box, pictures = drawn[j]
+        records.append(
+            PrototypeRecord(
                 index=j,
                 class_index=int(classes[j]),
                 source_image_id=images.image_id(i),
                 source_path=images.image_path(i),
-                source_size=(W, H),
+                source_size=size,
                 patch_hw=(int(patch_hw[j][0]), int(patch_hw[j][1])),
                 distance=float(distance[j]),
-                box=box,  # type: ignore[arg-type]
+                box=box,
                 has_images=visualize,
             )
-            if visualize:
-                visuals[j] = PrototypeVisuals(
-                    patch=crop(rgb, box),  # type: ignore[arg-type]
-                    source=draw_boxes(rgb, [box]),  # type: ignore[list-item]
-                    activation=overlay(rgb, canvas[n].numpy()),
-                )
-    assert all(r is not None for r in records)
-    return [r for r in records if r is not None], visuals
+        )
+        if pictures is not None:
+            visuals[j] = pictures
+    return records, visuals
 
 
 def render_visuals(
@@ -279,7 +325,6 @@ def render_visuals(
     there is an error naming it.
     """
     index_of = {images.image_id(i): i for i in range(len(images))}
-    out: dict[int, PrototypeVisuals] = {}
     by_image: dict[int, list[int]] = {}
     for r in records:
         if r.source_image_id not in index_of:
@@ -288,15 +333,5 @@ def render_visuals(
                 f"training set ({len(images)} images)"
             )
         by_image.setdefault(index_of[r.source_image_id], []).append(r.index)
-    for i, js in by_image.items():
-        rgb = source_rgb(images, i, prep)
-        H, W = rgb.shape[:2]
-        canvas, boxes = boxes_on_source(activation_maps[js], (W, H), prep)
-        for n, j in enumerate(js):
-            box = tuple(int(v) for v in boxes[n].tolist())
-            out[j] = PrototypeVisuals(
-                patch=crop(rgb, box),  # type: ignore[arg-type]
-                source=draw_boxes(rgb, [box]),  # type: ignore[list-item]
-                activation=overlay(rgb, canvas[n].numpy()),
-            )
-    return out
+    drawn = _draw_all(images, by_image, activation_maps, prep, True)
+    return {j: pictures for j, (_, _, pictures) in drawn.items() if pictures is not None}
