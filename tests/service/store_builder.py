@@ -15,7 +15,6 @@ cell: a check that needs no trained model.
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -28,34 +27,17 @@ from protopnet.explain import PrototypeExplainer
 from protopnet.model import ProtoPNet, create_model
 from protopnet.preprocess import eval_transform
 from protopnet.visualize import crop, draw_boxes, overlay
+from training.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+# The test fixtures read Fashion-MNIST the way training does (tests may import training;
+# the service itself never does).
+FASHION_DIR = FASHION_MNIST_DIR
+FASHION_CLASSES = FASHION_MNIST_CLASSES
 PHOTO_CLASSES = ["cat", "person", "coffee"]
 
 
 def fashion_available() -> bool:
     return (FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists()
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip) as a numpy array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def fashion_test_images(n: int = 10) -> tuple[np.ndarray, np.ndarray]:
