@@ -1,8 +1,9 @@
 """An asyncio micro-batcher: concurrent requests share one forward pass.
 
 Each model has one batcher and one dedicated thread that owns the model, so the forward
-never blocks the event loop and no lock is needed. Requests wait at most ``max_wait``
-for others to join; the queue is bounded so an overloaded server answers 503 at once
+never blocks the event loop and no lock is needed. While requests come together, a batch
+waits at most ``max_wait`` for others to join (a lone request on an idle model goes at
+once, and batches also form by themselves from what queues during a forward); the queue is bounded so an overloaded server answers 503 at once
 instead of piling up latency.
 """
 
@@ -67,6 +68,7 @@ class MicroBatcher(Generic[R]):
         self._closed = False
         self._batch_s = 0.05  # moving average of one batch's duration, for Retry-After
         self._current: list[_Item] = []  # the batch on the model thread right now
+        self._last_size = 1  # size of the previous batch: >1 means requests come together
 
     @property
     def depth(self) -> int:
@@ -99,7 +101,11 @@ class MicroBatcher(Generic[R]):
         while True:
             first = await self._queue.get()
             items = [first]
-            deadline = loop.time() + self.max_wait_s
+            # Wait up to max_wait for others only while requests are arriving together
+            # (the last batch held more than one): a lone client is served at once
+            # instead of paying the whole window on every request.
+            wait_s = self.max_wait_s if self._last_size > 1 else 0.0
+            deadline = loop.time() + wait_s
             while len(items) < self.max_batch:
                 # Take what is already queued without waiting, then wait for the rest.
                 try:
@@ -118,6 +124,7 @@ class MicroBatcher(Generic[R]):
             if not items:
                 continue
             self._current = items
+            self._last_size = len(items)
             try:
                 await self._run(items)
             finally:

@@ -63,6 +63,31 @@ def test_a_lone_request_waits_at_most_max_wait() -> None:
     assert model.sizes == [1]
 
 
+def test_a_lone_client_does_not_pay_the_batch_window() -> None:
+    """Sequential requests from one client never wait for a batch that will not come;
+    once requests arrive together, later batches wait for stragglers again."""
+    model = FakeModel()
+
+    async def main() -> tuple[list[float], list[int]]:
+        b = MicroBatcher("m", model, max_batch=8, max_wait_s=0.3, max_queue=64)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            await b.submit(torch.ones(3))
+            times.append(time.perf_counter() - t0)
+        await asyncio.gather(*(b.submit(torch.ones(3)) for _ in range(4)))  # a burst
+        late = [b.submit(torch.ones(3))]
+        await asyncio.sleep(0.05)  # a straggler 50 ms later joins the next batch
+        late.append(b.submit(torch.ones(3)))
+        await asyncio.gather(*late)
+        await b.close()
+        return times, model.sizes
+
+    times, sizes = run(main())
+    assert max(times) < 0.15, times  # far below the 0.3 s window
+    assert sizes[:3] == [1, 1, 1] and sizes[3] == 4 and sizes[4] == 2, sizes
+
+
 def test_full_queue_refuses_at_once_with_retry_after() -> None:
     model = FakeModel(delay=0.2)
 
