@@ -112,8 +112,9 @@ def push_prototypes(
 
     ``images`` must be the training images (unaugmented: the eval transform of
     ``preprocessing`` is applied). ``precision="bf16"`` runs the trunk in bfloat16
-    (about 2x faster on CPUs with AVX512-BF16) at the price of prototypes that sit a
-    little off the float32 latent patches; the default is exact float32.
+    (about 2.7x faster on CPUs with AVX512-BF16) at the price of prototypes that sit off
+    the float32 latent patches (the steep "log" similarity then drops well below its
+    maximum on the prototype's own patch); the default is exact float32.
     Returns the provenance records, self-activation maps and (optionally) pictures.
     """
     if precision not in ("fp32", "bf16"):
