@@ -68,6 +68,7 @@ ImageKind = Literal["patch", "source", "activation"]
 DEFAULT_ALIAS = "latest"
 REGISTRY = "registry.json"
 _TMP_PREFIX = ".publish-"
+_RACY_NS = 2_000_000_000  # a change this recent may not show in stat times yet
 _STALE_SECONDS = 24 * 3600  # a temp folder of a live process older than this is abandoned
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -233,6 +234,8 @@ class ModelStore:
         if root is None:
             root = os.environ.get("PROTOPNET_STORE") or "store"
         self.root = Path(root).expanduser().resolve()
+        # ref -> (the name's on-disk signature, (name, version)); see ``resolve``.
+        self._resolved: dict[str, tuple[tuple[int, ...], tuple[str, str]]] = {}
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r})"
@@ -299,11 +302,47 @@ class ModelStore:
             )
         return name, (rest if sep else None)
 
+    def _signature(self, name: str) -> tuple[int, ...] | None:
+        """What changes whenever ``name``'s versions or aliases do: the model folder's
+        stat (a publish or remove renames a folder in it) and registry.json's (every
+        alias change replaces the file, so its inode changes). None if either is too
+        recent to trust: a change within the file system's timestamp granularity could
+        leave them equal (the "racily clean" case git handles the same way)."""
+        try:
+            d = os.stat(self.root / name)
+        except OSError:
+            return None
+        try:
+            r = os.stat(self.root / name / REGISTRY)
+            reg: tuple[int, ...] = (r.st_ino, r.st_mtime_ns, r.st_size)
+        except FileNotFoundError:
+            reg, r = (), d
+        newest = max(d.st_mtime_ns, d.st_ctime_ns, r.st_mtime_ns, r.st_ctime_ns)
+        if time.time_ns() - newest < _RACY_NS:
+            return None
+        return (d.st_ino, d.st_mtime_ns, d.st_ctime_ns, d.st_nlink, *reg)
+
     def resolve(self, ref: str) -> tuple[str, str]:
         """ "name", "name@<version>" or "name@<alias>" -> (name, version).
 
         A bare name means ``name@latest``; without a "latest" alias, the newest version.
+        Answers are remembered while the name's folder and registry.json are unchanged
+        (two ``stat`` calls instead of a listing and a JSON read per request).
         """
+        hit = self._resolved.get(ref)
+        if hit is not None:
+            if hit[0] == self._signature(hit[1][0]):
+                return hit[1]
+            self._resolved.pop(ref, None)
+        name, version = self._resolve(ref)
+        sig = self._signature(name)
+        if sig is not None:
+            if len(self._resolved) >= 1024:  # references are client input: keep it bounded
+                self._resolved.clear()
+            self._resolved[ref] = (sig, (name, version))
+        return name, version
+
+    def _resolve(self, ref: str) -> tuple[str, str]:
         name, tag = self.parse_ref(ref)
         if not _NAME_RE.match(name):
             raise UnknownNameError("model", name, self.names())

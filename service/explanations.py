@@ -11,10 +11,12 @@ import asyncio
 import base64
 import functools
 import hashlib
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import orjson
 import torch
 
 from protopnet.explain import ImageExplanation
@@ -26,24 +28,14 @@ from service.images import DecodedImage, decode_image, sha256_hex
 from service.metrics import Metrics
 from service.registry import ForwardResult, ServedModel
 from service.schemas import (
-    Box,
     ClassScore,
     ExplainResponse,
-    ExplanationLinks,
-    HeatmapLinks,
     HeatmapMode,
     ImageInfo,
-    LatentCell,
     ModelRef,
-    Point,
     Prediction,
     PredictResponse,
-    PrototypeLinks,
-    ScoringSheet,
-    SheetRow,
-    ShownPrototype,
     Size,
-    TopPrototype,
 )
 from service.settings import Settings
 
@@ -104,91 +96,105 @@ def class_scores(
     ]
 
 
-def prototype_links(root: str, served: ServedModel, j: int) -> PrototypeLinks:
-    base = f"{root}/models/{served.name}@{served.version}/prototypes/{j}.png?kind="
-    return PrototypeLinks(
-        patch=base + "patch", source=base + "source", activation=base + "activation"
-    )
-
-
 def build_explanation(
     exp: ImageExplanation,
     served: ServedModel,
     info: ImageInfo,
     expl_id: str,
     root: str,
-) -> ExplainResponse:
-    """The JSON of one explanation (heatmaps as URLs) from the explainer's output."""
+) -> dict[str, Any]:
+    """The JSON of one explanation (heatmaps as URLs) from the explainer's output.
+
+    Built as plain dicts and lists in exactly ``ExplainResponse``'s shape (the route's
+    documented response model; a test checks the two agree field for field), because
+    constructing a few hundred pydantic objects per request cost more than the demo
+    model's forward pass. Serialise with ``dump_json``.
+    """
     names, classes = served.class_names, served.prototype_classes
-    cls_t = torch.tensor(classes)  # (P,)
-    top = class_scores(exp.logits, exp.probabilities, exp.top_classes, names)
-    sheets = []
     sims = exp.similarities.tolist()
-    for t, k in enumerate(exp.top_classes):
-        pts = exp.points[t].double()  # (P,) float64 so the totals add up exactly
-        own = torch.nonzero(cls_t == k).flatten()
-        order = own[pts[own].argsort(descending=True)].tolist()
-        w_row, p_row = exp.weights[t].tolist(), pts.tolist()
-        rows = [
-            SheetRow(prototype=j, similarity=sims[j], weight=w_row[j], points=p_row[j])
-            for j in order
-        ]
-        own_total = float(pts[own].sum())
-        total = float(pts.sum())
+    logits, probs = exp.logits.tolist(), exp.probabilities.tolist()
+    top = [
+        {"class_index": k, "label": names[k], "logit": logits[k], "probability": probs[k]}
+        for k in exp.top_classes
+    ]
+    sheets = []
+    # float64 so each sheet's points add up to its logit (a few Python loops over the
+    # class's own prototypes are cheaper than a dozen small tensor ops here).
+    p_rows, w_rows = exp.points.double().tolist(), exp.weights.tolist()
+    for k, p_row, w_row in zip(exp.top_classes, p_rows, w_rows, strict=True):
+        order = sorted(served.prototypes_of_class[k], key=lambda j: -p_row[j])
+        own_total, total = math.fsum(p_row[j] for j in order), math.fsum(p_row)
         sheets.append(
-            ScoringSheet(
-                class_index=k,
-                label=names[k],
-                logit=float(exp.logits[k]),
-                rows=rows,
-                own_total=own_total,
-                other_prototypes=len(classes) - len(order),
-                other_total=total - own_total,
-                total=total,
-            )
+            {
+                "class_index": k,
+                "label": names[k],
+                "logit": logits[k],
+                "rows": [
+                    {"prototype": j, "similarity": sims[j], "weight": w_row[j], "points": p_row[j]}
+                    for j in order
+                ],
+                "own_total": own_total,
+                "other_prototypes": len(classes) - len(order),
+                "other_total": total - own_total,
+                "total": total,
+            }
         )
     peaks_hw = exp.latent_peaks.tolist()
     top_protos = [
-        TopPrototype(
-            rank=r + 1,
-            prototype=j,
-            class_index=classes[j],
-            label=names[classes[j]],
-            similarity=sims[j],
-            latent_cell=LatentCell(h=peaks_hw[j][0], w=peaks_hw[j][1]),
-        )
+        {
+            "rank": r + 1,
+            "prototype": j,
+            "class_index": classes[j],
+            "label": names[classes[j]],
+            "similarity": sims[j],
+            "latent_cell": {"h": peaks_hw[j][0], "w": peaks_hw[j][1]},
+        }
         for r, j in enumerate(exp.top_prototypes)
     ]
     base = f"{root}/explanations/{expl_id}"
+    model_base = f"{root}/models/{served.name}@{served.version}/prototypes/"
     boxes, peaks = exp.boxes.tolist(), exp.peaks.tolist()
     shown = []
-    for i, j in enumerate(exp.shown):
-        hm = f"{base}/heatmaps/{j}.png?style="
+    for (x0, y0, x1, y1), (px, py), j in zip(boxes, peaks, exp.shown, strict=True):
+        hm, pi = f"{base}/heatmaps/{j}.png?style=", f"{model_base}{j}.png?kind="
         shown.append(
-            ShownPrototype(
-                prototype=j,
-                class_index=classes[j],
-                label=names[classes[j]],
-                similarity=sims[j],
-                box=Box(x0=boxes[i][0], y0=boxes[i][1], x1=boxes[i][2], y1=boxes[i][3]),
-                peak=Point(x=peaks[i][0], y=peaks[i][1]),
-                heatmap=HeatmapLinks(
-                    overlay=hm + "overlay", heatmap=hm + "heatmap", mask=hm + "mask"
-                ),
-                prototype_images=prototype_links(root, served, j),
-            )
+            {
+                "prototype": j,
+                "class_index": classes[j],
+                "label": names[classes[j]],
+                "similarity": sims[j],
+                "box": {"x0": x0, "y0": y0, "x1": x1, "y1": y1},
+                "peak": {"x": px, "y": py},
+                "heatmap": {
+                    "overlay": hm + "overlay",
+                    "heatmap": hm + "heatmap",
+                    "mask": hm + "mask",
+                },
+                "heatmap_png": None,
+                "prototype_images": {
+                    "patch": pi + "patch",
+                    "source": pi + "source",
+                    "activation": pi + "activation",
+                },
+            }
         )
-    return ExplainResponse(
-        id=expl_id,
-        model=model_ref(served),
-        image=info,
-        prediction=Prediction(**top[0].model_dump()),
-        top_classes=top,
-        scoring_sheets=sheets,
-        top_prototypes=top_protos,
-        prototypes=shown,
-        links=ExplanationLinks(self=base, boxes=f"{base}/boxes.png", report=f"{base}/report"),
-    )
+    return {
+        "id": expl_id,
+        "model": served.model_ref_json,
+        "image": info.model_dump(),
+        "prediction": top[0],
+        "top_classes": top,
+        "scoring_sheets": sheets,
+        "top_prototypes": top_protos,
+        "prototypes": shown,
+        "heatmaps": "url",
+        "links": {"self": base, "boxes": f"{base}/boxes.png", "report": f"{base}/report"},
+    }
+
+
+def dump_json(body: dict[str, Any]) -> bytes:
+    """Compact JSON bytes, as pydantic's ``model_dump_json`` writes them."""
+    return orjson.dumps(body)
 
 
 class ExplanationService:
@@ -267,9 +273,9 @@ class ExplanationService:
             top_classes,
             top_prototypes,
         )[0]
-        resp = build_explanation(exp, served, image_info(decoded, sha), eid, root)
+        body = build_explanation(exp, served, image_info(decoded, sha), eid, root)
         return {
-            "json": resp.model_dump_json().encode(),
+            "json": dump_json(body),
             "render": render.pack_render(exp, served.preprocessing),
             "image": render.encode_jpeg(decoded.display),
         }

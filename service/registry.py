@@ -54,6 +54,15 @@ class ServedModel:
         self.preprocessing = loaded.manifest.preprocessing
         self.class_names = list(loaded.manifest.class_names)
         self.prototype_classes: list[int] = self.model.prototype_classes.cpu().tolist()
+        # Per class, the indices of its own prototypes (the scoring sheets' rows).
+        self.prototypes_of_class: list[list[int]] = [[] for _ in self.class_names]
+        for j, k in enumerate(self.prototype_classes):
+            self.prototypes_of_class[k].append(j)
+        self.model_ref_json = {
+            "name": self.name,
+            "version": self.version,
+            "manifest_sha256": self.manifest_sha256,
+        }
         self.explainer = PrototypeExplainer(self.model, self.preprocessing, settings.max_map_side)
         # The explainer's post-forward step reads these; keep CPU copies made once.
         self.batcher: MicroBatcher[ForwardResult] = MicroBatcher(

@@ -273,3 +273,39 @@ def test_numeric_versions_are_written_plainly(store: ModelStore) -> None:
         publish_tiny(store, version="007")
     assert publish_tiny(store, version="7")[1].version == "7"
     assert publish_tiny(store)[1].version == "8"  # auto numbers continue after explicit ones
+
+
+def test_remembered_resolutions_follow_every_change(
+    store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serving replica resolves through its own ModelStore on every request and
+    remembers the answers; a second store object (the CLI) publishes, promotes and
+    removes, and each change must show up at the replica's very next resolve."""
+    import model_store.store as store_module
+
+    # Trust stat times at once (normally only after 2 s), so the cache is in play here.
+    monkeypatch.setattr(store_module, "_RACY_NS", -(10**18))
+    for seed in range(2):
+        publish_tiny(store, seed=seed)
+    cli, replica = store, ModelStore(store.root)
+    cli.promote("tiny", "1", "production")
+    assert replica.resolve("tiny@production") == ("tiny", "1")
+    assert replica.resolve("tiny") == ("tiny", "2")
+    assert set(replica._resolved) == {"tiny@production", "tiny"}  # remembered
+
+    cli.promote("tiny", "2", "production")
+    assert replica.resolve("tiny@production") == ("tiny", "2")
+    publish_tiny(cli, seed=3)
+    assert replica.resolve("tiny") == ("tiny", "3")
+    cli.remove("tiny", "3")
+    assert replica.resolve("tiny") == ("tiny", "2")
+    with pytest.raises(UnknownNameError, match="unknown version '3'"):
+        replica.resolve("tiny@3")
+
+
+def test_fresh_changes_are_not_remembered(store: ModelStore) -> None:
+    """Within the racy window (a change newer than the file system's timestamps can
+    tell apart) every resolve reads the registry again."""
+    publish_tiny(store, seed=0)
+    assert store.resolve("tiny") == ("tiny", "1")
+    assert "tiny" not in store._resolved

@@ -16,6 +16,7 @@ from PIL import Image
 
 from model_store import ModelStore
 from protopnet.preprocess import eval_transform, to_model_mode
+from service.schemas import ExplainResponse
 from tests.protopnet.reference import logits_from_min_distances, patch_distances, percentile_box
 from tests.service.conftest import RedisProcess, metric_value
 from tests.service.corpus import encode
@@ -109,6 +110,8 @@ def test_explains_a_real_photograph(client, store_root, photo_images) -> None:
     assert body["prediction"]["class_index"] == int(ref["logits"].argmax())
     assert body["prediction"]["probability"] == pytest.approx(probs.max(), abs=1e-4)
     check_sheets(body, ref["logits"])
+    # The body is exactly the documented schema: no field missing, renamed or extra.
+    assert ExplainResponse.model_validate(body).model_dump(mode="json") == body
     for sheet in body["scoring_sheets"]:
         for row in sheet["rows"]:
             assert row["similarity"] == pytest.approx(ref["sims"][row["prototype"]], abs=1e-3)
