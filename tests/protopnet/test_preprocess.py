@@ -139,3 +139,31 @@ def test_transform_is_deterministic() -> None:
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8))
     tf = eval_transform(Preprocessing(img_size=24, resize="center_crop"))
     assert torch.equal(tf(img), tf(img))
+
+
+@pytest.mark.parametrize("resize", ["stretch", "center_crop", "pad"])
+@pytest.mark.parametrize("size", [(S, S), (37, 23), (9, 30)])
+@pytest.mark.parametrize("grayscale", [False, True])
+def test_eval_transform_equals_the_torchvision_pipeline_bit_for_bit(
+    resize: str, size: tuple[int, int], grayscale: bool
+) -> None:
+    """The eval path normalises by hand for speed; training composes torchvision's v2
+    steps. A model must see identical inputs in both, to the last bit."""
+    from torchvision.transforms import v2
+
+    from protopnet.preprocess import normalize_steps, to_model_mode
+
+    prep = Preprocessing(
+        img_size=S,
+        resize=resize,  # type: ignore[arg-type]
+        grayscale=grayscale,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    pipeline = v2.Compose([*resize_geometry(prep), *normalize_steps(prep)])
+    expect = pipeline(to_model_mode(img, prep))
+    got = eval_transform(prep)(img)
+    assert got.shape == expect.shape == (3, S, S) and got.dtype == torch.float32
+    assert torch.equal(got, expect)
