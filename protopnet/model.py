@@ -16,7 +16,12 @@ from torch import nn
 from protopnet.backbones import Trunk, create_backbone
 from protopnet.config import ProtoPNetConfig
 from protopnet.errors import ShapeError
-from protopnet.receptive_field import ReceptiveField, compute_receptive_field, layer_geometry
+from protopnet.receptive_field import (
+    PatchField,
+    compute_patch_field,
+    compute_receptive_field,
+    layer_geometry,
+)
 
 
 def build_add_on_layers(in_channels: int, depth: int, kind: str) -> nn.Sequential:
@@ -139,9 +144,11 @@ class ProtoPNet(nn.Module):
         """(P,) class index of each prototype."""
         return self.prototype_class_identity.argmax(dim=1)
 
-    def receptive_field(self) -> ReceptiveField:
-        return compute_receptive_field(
-            layer_geometry(self.features), self.config.img_size, self.config.prototype_size[0]
+    def receptive_field(self) -> PatchField:
+        """Input pixels seen by a prototype-sized window of the latent grid (the trunk's
+        geometry; the add-on layers are 1 x 1)."""
+        return compute_patch_field(
+            layer_geometry(self.features), self.config.img_size, self.config.prototype_size
         )
 
     # -- forward --------------------------------------------------------------------

@@ -42,6 +42,26 @@ class ReceptiveField:
         return x0, y0, x1, y1
 
 
+@dataclass(frozen=True)
+class PatchField:
+    """Receptive field of an h1 x w1 window of latent cells (a prototype's patch):
+    rows and columns have their own field when the window is not square."""
+
+    rows: ReceptiveField  # vertical geometry, window h1
+    cols: ReceptiveField  # horizontal geometry, window w1
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(H', W'): window positions per column and per row."""
+        return self.rows.size, self.cols.size
+
+    def box(self, h: int, w: int, img_size: int) -> tuple[int, int, int, int]:
+        """Input pixels seen by the window at latent cell (h, w): (x0, y0, x1, y1)."""
+        x0, _, x1, _ = self.cols.box(0, w, img_size)
+        _, y0, _, y1 = self.rows.box(h, 0, img_size)
+        return x0, y0, x1, y1
+
+
 def _pair(v: int | tuple[int, ...] | list[int]) -> int:
     if isinstance(v, tuple | list):
         if len(set(v)) != 1:
@@ -98,3 +118,14 @@ def compute_receptive_field(
         j = j * s
         n = n_out
     return ReceptiveField(size=int(n), jump=j, field=r, start=start)
+
+
+def compute_patch_field(
+    layers: list[LayerGeometry], img_size: int, window: tuple[int, int]
+) -> PatchField:
+    """The field of an (h1, w1) window on the latent grid of a square ``img_size`` input."""
+    h1, w1 = window
+    return PatchField(
+        rows=compute_receptive_field(layers, img_size, h1),
+        cols=compute_receptive_field(layers, img_size, w1),
+    )

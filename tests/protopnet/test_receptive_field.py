@@ -41,14 +41,19 @@ def positive_linear_copy(module: nn.Module) -> nn.Module:
 
 
 def empirical_boxes(
-    module: nn.Module, img_size: int, cells: list[tuple[int, int]], window: int = 1
+    module: nn.Module,
+    img_size: int,
+    cells: list[tuple[int, int]],
+    window: int | tuple[int, int] = 1,
 ) -> tuple[int, list[tuple[int, int, int, int]]]:
-    """Grid side and, per latent cell (h, w), the bounding box (x0, y0, x1, y1) of input
-    pixels with nonzero gradient of the sum over the window x window patch at (h, w)."""
+    """Grid side (along the width) and, per latent cell (h, w), the bounding box
+    (x0, y0, x1, y1) of input pixels with nonzero gradient of the sum over the
+    window (h1 x w1, or a side for a square one) of latent cells at (h, w)."""
+    wh, ww = window if isinstance(window, tuple) else (window, window)
     m = positive_linear_copy(module)
     x = torch.ones(len(cells), 3, img_size, img_size, dtype=torch.float64, requires_grad=True)
     out = m(x)  # (B, C, H, W); each image's cell is independent of the others'
-    total = sum(out[b, :, h : h + window, w : w + window].sum() for b, (h, w) in enumerate(cells))
+    total = sum(out[b, :, h : h + wh, w : w + ww].sum() for b, (h, w) in enumerate(cells))
     total.backward()  # type: ignore[union-attr]
     assert x.grad is not None
     boxes = []
@@ -56,7 +61,7 @@ def empirical_boxes(
         nz = x.grad[b].abs().sum(dim=0) > 0  # (H_img, W_img)
         ys, xs = torch.nonzero(nz, as_tuple=True)
         boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
-    return out.shape[-1] - window + 1, boxes
+    return out.shape[-1] - ww + 1, boxes
 
 
 def check(module: nn.Module, img_size: int, rf: ReceptiveField, window: int = 1) -> None:
@@ -105,15 +110,25 @@ def test_resnet_stem_to_layer2_matches_the_empirical_field() -> None:
     check(trunk, 64, full)
 
 
-def test_model_receptive_field_includes_the_prototype_window() -> None:
-    """Through the add-on layers and a 2 x 2 prototype window on tiny_cnn."""
+@pytest.mark.parametrize("window", [(2, 2), (3, 1), (1, 2)])
+def test_model_receptive_field_includes_the_prototype_window(window: tuple[int, int]) -> None:
+    """Through the add-on layers and an h1 x w1 prototype window on tiny_cnn: rows and
+    columns get their own field when the window is not square."""
     cfg = ProtoPNetConfig(
-        backbone="tiny_cnn", num_classes=2, prototype_depth=4, prototype_size=(2, 2), img_size=40
+        backbone="tiny_cnn", num_classes=2, prototype_depth=4, prototype_size=window, img_size=40
     )
     model = create_model(cfg)
-    rf = model.receptive_field()
-    assert (rf.size, rf.field) == (19, 16.0)  # 20 latent cells, 14 px field + one 2 px jump
-    check(nn.Sequential(model.features, model.add_on_layers), 40, rf, window=2)
+    pf = model.receptive_field()
+    h1, w1 = window
+    # 20 latent cells, a 14 px field and a 2 px jump per extra cell of the window.
+    assert pf.grid == (21 - h1, 21 - w1)
+    assert (pf.rows.field, pf.cols.field) == (14.0 + 2 * (h1 - 1), 14.0 + 2 * (w1 - 1))
+    cells = [(0, 0), (pf.grid[0] // 2, pf.grid[1] // 3), (pf.grid[0] - 1, pf.grid[1] - 1)]
+    trunk = nn.Sequential(model.features, model.add_on_layers)
+    grid_w, boxes = empirical_boxes(trunk, 40, cells, window)
+    assert grid_w == pf.grid[1]
+    for (h, w), box in zip(cells, boxes, strict=True):
+        assert pf.box(h, w, 40) == box, f"cell {(h, w)}"
 
 
 @pytest.mark.parametrize(
