@@ -106,3 +106,16 @@ def test_encode_png_round_trips_through_a_decoder(shape: tuple[int, ...]) -> Non
 def test_encode_png_refuses_what_it_cannot_encode(arr: np.ndarray, what: str) -> None:
     with pytest.raises(ValueError, match=f"{what}.*valid: uint8"):
         encode_png(arr)
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((224, 224), np.float32), ((37, 51), np.float64)])
+def test_overlay_matches_the_float_formula_on_real_sized_maps(shape, dtype) -> None:
+    """OpenCV's fused scaling and blend against the paper's arithmetic done in numpy."""
+    rng = np.random.default_rng(sum(shape))
+    img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    m = (rng.random(shape) * 7 - 3).astype(dtype)
+    heat = jet(normalize_map(m)).astype(np.float32)
+    want = np.clip(np.round(0.5 * img.astype(np.float32) + 0.3 * heat), 0, 255)
+    got = overlay(img, m).astype(np.float32)
+    assert np.abs(got - want).max() <= 1  # a rounding tie may go the other way
+    assert (got == want).mean() > 0.999
