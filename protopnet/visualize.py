@@ -35,6 +35,7 @@ def overlay(image: np.ndarray, act_map: np.ndarray) -> np.ndarray:
     in numpy; a local analysis draws hundreds of these.
     """
     lo, hi = float(act_map.min()), float(act_map.max())
+    levels: np.ndarray
     if hi - lo < 1e-12:
         levels = np.zeros(act_map.shape, dtype=np.uint8)
     else:  # round(255 * (m - lo) / (hi - lo)), never negative, so the abs is a no-op
