@@ -2,9 +2,9 @@
 
 Each model has one batcher and one dedicated thread that owns the model, so the forward
 never blocks the event loop and no lock is needed. While requests come together, a batch
-waits at most ``max_wait`` for others to join (a lone request on an idle model goes at
-once, and batches also form by themselves from what queues during a forward); the queue is bounded so an overloaded server answers 503 at once
-instead of piling up latency.
+waits at most ``max_wait`` for others to join; a lone request on an idle model goes at
+once, and batches also form by themselves from what queues during a forward. The queue
+is bounded, so an overloaded server answers 503 at once instead of piling up latency.
 """
 
 from __future__ import annotations
