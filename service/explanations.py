@@ -24,7 +24,7 @@ from service import render
 from service.batcher import BatcherClosed, BatcherFull
 from service.cache import ExplanationCache
 from service.errors import NotFoundError, QueueFullError
-from service.images import DecodedImage, decode_image, is_small, sha256_hex
+from service.images import DecodedImage, decode_opened, is_small, open_image, sha256_hex
 from service.metrics import Metrics
 from service.registry import ForwardResult, ServedModel
 from service.schemas import (
@@ -108,7 +108,7 @@ def build_explanation(
     Built as plain dicts and lists in exactly ``ExplainResponse``'s shape (the route's
     documented response model; a test checks the two agree field for field), because
     constructing a few hundred pydantic objects per request cost more than the demo
-    model's forward pass. Serialise with ``dump_json``.
+    model's forward pass. Serialised with orjson.
     """
     names, classes = served.class_names, served.prototype_classes
     sims = exp.similarities.tolist()
@@ -180,7 +180,7 @@ def build_explanation(
         )
     return {
         "id": expl_id,
-        "model": served.model_ref_json,
+        "model": model_ref(served).model_dump(),
         "image": info.model_dump(),
         "prediction": top[0],
         "top_classes": top,
@@ -190,11 +190,6 @@ def build_explanation(
         "heatmaps": "url",
         "links": {"self": base, "boxes": f"{base}/boxes.png", "report": f"{base}/report"},
     }
-
-
-def dump_json(body: dict[str, Any]) -> bytes:
-    """Compact JSON bytes, as pydantic's ``model_dump_json`` writes them."""
-    return orjson.dumps(body)
 
 
 class ExplanationService:
@@ -216,9 +211,10 @@ class ExplanationService:
 
     async def decode(self, served: ServedModel, data: bytes) -> DecodedImage:
         s, prep = self.settings, served.preprocessing
-        if is_small(data, prep):  # e.g. a 28 x 28 PNG: faster than the thread hand-off
-            return decode_image(data, prep, s.max_image_pixels, s.max_map_side)
-        return await self.run(decode_image, data, prep, s.max_image_pixels, s.max_map_side)
+        img = open_image(data, s.max_image_pixels)  # the header only: format and size
+        if is_small(img, len(data), prep):  # e.g. a 28 x 28 PNG: beats the thread hand-off
+            return decode_opened(img, prep, s.max_image_pixels, s.max_map_side)
+        return await self.run(decode_opened, img, prep, s.max_image_pixels, s.max_map_side)
 
     async def forward(self, served: ServedModel, x: torch.Tensor) -> ForwardResult:
         try:
@@ -275,7 +271,7 @@ class ExplanationService:
         )[0]
         body = build_explanation(exp, served, image_info(decoded, sha), eid, root)
         return {
-            "json": dump_json(body),
+            "json": orjson.dumps(body),
             "render": render.pack_render(exp, served.preprocessing),
             "image": render.encode_jpeg(decoded.display),
         }

@@ -73,17 +73,10 @@ INLINE_PIXELS = 96 * 96
 INLINE_BYTES = 64 * 1024
 
 
-def is_small(data: bytes, prep: Preprocessing) -> bool:
-    """Whether ``data`` is a small image that is cheap to decode right here (reads the
-    header only; anything unusual, including errors, answers False)."""
-    if len(data) > INLINE_BYTES or prep.img_size**2 > INLINE_PIXELS:
-        return False
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-            w, h = img.size
-            return w * h <= INLINE_PIXELS and not getattr(img, "is_animated", False)
-    except Exception:  # the threaded decode raises the error the client will see
-        return False
+def is_small(img: Image.Image, nbytes: int, prep: Preprocessing) -> bool:
+    """Whether an opened upload of ``nbytes`` is cheap enough to decode right here."""
+    w, h = img.size
+    return nbytes <= INLINE_BYTES and max(w * h, prep.img_size**2) <= INLINE_PIXELS
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -131,13 +124,19 @@ def _oriented(img: Image.Image) -> tuple[Image.Image, int]:
 
 
 def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, max_side: int) -> DecodedImage:
-    """Decode, orient and convert one upload for a model with preprocessing ``prep``.
+    """Decode, orient and convert one upload for a model with preprocessing ``prep``."""
+    return decode_opened(open_image(data, max_pixels), prep, max_pixels, max_side)
+
+
+def decode_opened(
+    img: Image.Image, prep: Preprocessing, max_pixels: int, max_side: int
+) -> DecodedImage:
+    """``decode_image`` after ``open_image`` (which only read the header).
 
     Animated images: the first frame. JPEGs much larger than needed are decoded at a
     reduced DCT scale (Pillow's draft mode), which is several times faster; sizes and
     boxes are still reported in the full image's pixels.
     """
-    img = open_image(data, max_pixels)
     fmt, mode, received = str(img.format), img.mode, img.size
     frames = int(getattr(img, "n_frames", 1) or 1)
     try:

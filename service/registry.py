@@ -58,11 +58,6 @@ class ServedModel:
         self.prototypes_of_class: list[list[int]] = [[] for _ in self.class_names]
         for j, k in enumerate(self.prototype_classes):
             self.prototypes_of_class[k].append(j)
-        self.model_ref_json = {
-            "name": self.name,
-            "version": self.version,
-            "manifest_sha256": self.manifest_sha256,
-        }
         self.explainer = PrototypeExplainer(self.model, self.preprocessing, settings.max_map_side)
         # The explainer's post-forward step reads these; keep CPU copies made once.
         self.batcher: MicroBatcher[ForwardResult] = MicroBatcher(

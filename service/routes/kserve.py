@@ -11,7 +11,8 @@ import base64
 import binascii
 from typing import Any
 
-from fastapi import APIRouter, Request
+import orjson
+from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from service.deps import (
@@ -26,7 +27,6 @@ from service.deps import (
 )
 from service.errors import BadOptionError, ServiceError, TooLargeError, validation_message
 from service.schemas import (
-    ExplainResponse,
     KServeExplainResponse,
     KServePredictResponse,
     KServeRequest,
@@ -147,7 +147,7 @@ async def kserve_explain(
     settings: SettingsDep,
     registry: RegistryDep,
     svc: ExplanationsDep,
-) -> KServeExplainResponse:
+) -> Response:
     """KServe v1 explain: {"explanations": [...]}, each what POST /explain returns."""
     images, params = await _instances(request, settings)
     opts = resolve_options(settings, {**params, "model": name})
@@ -157,8 +157,10 @@ async def kserve_explain(
         [svc.explain(served, d, opts.top_classes, opts.top_prototypes, root) for d in images]
     )
     bodies = await asyncio.gather(*(svc.present(data, opts.heatmaps) for data, _ in done))
-    return KServeExplainResponse(
-        model_name=served.name,
-        model_version=served.version,
-        explanations=[ExplainResponse.model_validate_json(b) for b in bodies],
-    )
+    # Each body is already an ExplainResponse's JSON: embed it as is, not parsed again.
+    out = {
+        "model_name": served.name,
+        "model_version": served.version,
+        "explanations": [orjson.Fragment(b) for b in bodies],
+    }
+    return Response(orjson.dumps(out), media_type="application/json")

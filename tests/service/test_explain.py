@@ -16,7 +16,7 @@ from PIL import Image
 
 from model_store import ModelStore
 from protopnet.preprocess import eval_transform, to_model_mode
-from service.schemas import ExplainResponse
+from service.schemas import ExplainResponse, KServeExplainResponse
 from tests.protopnet.reference import logits_from_min_distances, patch_distances, percentile_box
 from tests.service.conftest import RedisProcess, metric_value
 from tests.service.corpus import encode
@@ -289,13 +289,15 @@ def test_kserve_aliases(client, photo_images) -> None:
     assert all(len(p["top_classes"]) == 2 for p in body["predictions"])
     e = client.post("/v1/models/photo@1:explain", json=payload)
     assert e.status_code == 200, e.text
+    # Exactly the documented schema, each explanation included.
+    assert KServeExplainResponse.model_validate(e.json()).model_dump(mode="json") == e.json()
     exps = e.json()["explanations"]
     assert len(exps) == 2
     for x in exps:
         check_sheets(x)
     # The same explanation as POST /explain with the same options.
     direct = post_image(client, imgs[1], top_classes=2).json()
-    assert direct["id"] == exps[1]["id"]
+    assert direct == exps[1]
     bad = client.post("/v1/models/photo:predict", json={"instances": ["not base64!"]})
     assert bad.status_code == 422 and "instances[0]" in bad.json()["error"]["message"]
     unknown = client.post("/v1/models/nope:predict", json=payload)
