@@ -168,6 +168,9 @@ def sigterm_under_load(
     answered = len(re.findall(r'"message": "POST /explain 200"', log))
     spanning = [s for s in run.samples if s.start < t_term < s.end]
     unanswered = [s for s in run.samples if s.status is None]
+    # Every request the application began is in the access log (written in a finally,
+    # so even a cancelled one), under the X-Request-ID its client sent.
+    seen = set(re.findall(r'"request_id": "(load-\d+)"', log))
     return {
         "clients": clients,
         "requests": len(run.samples),
@@ -181,6 +184,8 @@ def sigterm_under_load(
         "client_received_200": len(run.ok()),
         "unanswered": len(unanswered),
         "unanswered_errors": sorted({(s.error or "").split(":")[0] for s in unanswered}),
+        "unanswered_reached_app": sum(1 for s in unanswered if s.request_id in seen),
+        "requests_logged_by_server": len(seen),
         "unanswered_sent_before_sigterm": sum(1 for s in unanswered if s.start < t_term),
         "exit_code": rc,
         "clean_stop_logged": "service stopped" in log,

@@ -197,6 +197,7 @@ class Sample:
     end: float
     status: int | None  # None: no HTTP answer (connection refused or dropped)
     error: str | None = None  # the transport error's type and text
+    request_id: str = ""  # sent as X-Request-ID; the server's access log carries it
 
     @property
     def ms(self) -> float:
@@ -263,15 +264,18 @@ async def closed_loop(
 
         async def client() -> None:
             while time.monotonic() < deadline:
-                body = images(next(counter))
+                i = next(counter)
+                body, rid = images(i), f"load-{i}"
                 t0 = time.monotonic()
                 try:
-                    r = await http.post(path, content=body, headers=headers, params=params)
+                    r = await http.post(
+                        path, content=body, headers={**headers, "X-Request-ID": rid}, params=params
+                    )
                     await r.aread()
-                    run.samples.append(Sample(t0, time.monotonic(), r.status_code))
+                    run.samples.append(Sample(t0, time.monotonic(), r.status_code, None, rid))
                 except httpx.TransportError as e:
                     run.samples.append(
-                        Sample(t0, time.monotonic(), None, f"{type(e).__name__}: {e}")
+                        Sample(t0, time.monotonic(), None, f"{type(e).__name__}: {e}", rid)
                     )
                     if stop_on_refused and isinstance(e, httpx.ConnectError):
                         return

@@ -44,9 +44,14 @@ def test_sigterm_under_load_finishes_in_flight_requests(
     assert r["in_flight_answered_200"] >= 1
     # ... and no answer the server produced was lost on the way to its client.
     assert r["server_logged_200"] == r["client_received_200"]
-    # What was not answered never reached the application: refused or dropped connections
-    # (a client may retry those), never a timeout or a half response.
-    assert set(r["unanswered_errors"]) <= {"ConnectError", "RemoteProtocolError"}, r
+    # What was not answered never reached the application (its request id is not in the
+    # server's log): a refused connection, or a keep-alive one closed under a request
+    # the server had not read (seen as a reset or an early close). A client may retry
+    # those; never a timeout.
+    assert r["requests_logged_by_server"] >= r["server_logged_200"] > 0
+    assert r["unanswered_reached_app"] == 0, r
+    dropped = {"ConnectError", "RemoteProtocolError", "ReadError", "WriteError"}
+    assert set(r["unanswered_errors"]) <= dropped, r
     assert r["exit_code"] in (0, -15) and r["clean_stop_logged"]
 
 
