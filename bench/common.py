@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the device's name, medians, atomic result files."""
+"""Helpers shared by the benchmarks: the device's name, medians, atomic result files, and
+the CUB-scale architecture the reference's figures were measured on."""
 
 from __future__ import annotations
 
@@ -12,7 +13,22 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from protopnet.config import ProtoPNetConfig
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cub_vgg19_config() -> ProtoPNetConfig:
+    """CUB scale as the reference implementation measured it (its settings.py): VGG-19
+    trunk, 200 classes x 10 prototypes, D = 128, regular add-on layers, 224 px."""
+    return ProtoPNetConfig(
+        backbone="vgg19",
+        num_classes=200,
+        prototypes_per_class=10,
+        prototype_depth=128,
+        add_on="regular",
+        img_size=224,
+    )
 
 
 def device_name(device: Any = None) -> str:

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import device_name, p50, write_result
-from protopnet import ProtoPNetConfig, PrototypeExplainer, create_model, get_backbone_spec
+from bench.common import cub_vgg19_config, device_name, p50, write_result
+from protopnet import PrototypeExplainer, create_model, get_backbone_spec
 from protopnet.explain import percentile_boxes, upsample_maps
 from protopnet.preprocess import eval_transform
 from protopnet.visualize import crop, draw_boxes, encode_png, overlay
@@ -53,7 +53,7 @@ def photo(i: int) -> np.ndarray:
 
 def build(seed: int = 0) -> tuple[torch.nn.Module, PrototypeExplainer, np.ndarray, torch.Tensor]:
     torch.manual_seed(seed)
-    cfg = ProtoPNetConfig(backbone="vgg19", num_classes=200, prototypes_per_class=10, img_size=224)
+    cfg = cub_vgg19_config()
     model = create_model(cfg).eval()
     prep = get_backbone_spec("vgg19").preprocessing(224)
     explainer = PrototypeExplainer(model, prep, max_map_side=None)

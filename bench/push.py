@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import device_name, peak_rss_mib, write_result
+from bench.common import cub_vgg19_config, device_name, peak_rss_mib, write_result
 
 REFERENCE_VGG19_S = 159.0
 CASES = ("demo", "synthetic", "vgg19", "vgg19_bf16")
@@ -72,20 +72,11 @@ def run_case(case: str, threads: int) -> dict[str, Any]:
             prep = cfg.model.preprocessing()
             batch = cfg.train.push_batch_size
         else:
-            from protopnet.config import Preprocessing, ProtoPNetConfig
+            from protopnet.config import Preprocessing
 
             root = _random_image_folder(Path(tmp), classes=200, per_class=1, size=(256, 256))
             images = image_folder(root / "train")
-            arch = ProtoPNetConfig.model_validate(
-                {
-                    "backbone": "vgg19",
-                    "num_classes": 200,
-                    "prototypes_per_class": 10,
-                    "prototype_depth": 128,
-                    "img_size": 224,
-                    "add_on": "regular",
-                }
-            )
+            arch = cub_vgg19_config()
             prep = Preprocessing(img_size=224)
             batch = 25
             workers = 1  # decoding overlaps the forward pass

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.common import cub_vgg19_config
 from model_store import ModelStore, PrototypeRecord
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.errors import ProtoPNetError
@@ -129,14 +130,11 @@ def demo_model(
 
 
 def vgg19_model(scratch: Path) -> ModelSource:
-    """A CUB-scale ProtoPNet: VGG-19 trunk, 200 classes x 10 prototypes, D = 128, 224 px."""
+    """A CUB-scale ProtoPNet (``cub_vgg19_config``) with random weights."""
     store = ModelStore(scratch)
     if VGG19_NAME in store.names():
         return ModelSource(store.root, f"{VGG19_NAME}@latest", trained=False)
-    arch = ProtoPNetConfig.model_validate(
-        {"backbone": "vgg19", "num_classes": 200, "prototypes_per_class": 10,
-         "prototype_depth": 128, "img_size": 224}
-    )  # fmt: skip
+    arch = cub_vgg19_config()
     prep = Preprocessing(img_size=224)
     classes = [f"class_{k:03d}" for k in range(200)]
     return ModelSource(store.root, publish_random(store, VGG19_NAME, arch, prep, classes), False)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import device_name, write_result
+from bench.common import cub_vgg19_config, device_name, write_result
 from model_store import ModelStore, PrototypeRecord, PrototypeVisuals
 from model_store.store import WEIGHTS
 from protopnet.config import Preprocessing, ProtoPNetConfig
@@ -153,9 +153,7 @@ def main() -> None:
         cases.append(
             (
                 "cub_vgg19",
-                ProtoPNetConfig(
-                    backbone="vgg19", num_classes=200, prototypes_per_class=10, img_size=224
-                ),
+                cub_vgg19_config(),
                 (500, 375),  # a typical CUB-200-2011 image
                 1,  # 1.2 GB per copy: one run of each step
             )

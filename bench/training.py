@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from bench.accuracy import Baseline
-from bench.common import device_name, p50, write_result
-from protopnet.config import ProtoPNetConfig
+from bench.common import cub_vgg19_config, device_name, p50, write_result
 from protopnet.model import create_model
 from training import engine
 from training.config import LossCoefficients, load_config
@@ -40,16 +39,7 @@ def _cases() -> dict[str, dict[str, Any]]:
         "demo": {"cfg": demo, "batch": demo.train.batch_size},
         "synthetic": {"cfg": syn, "batch": syn.train.batch_size},
         "vgg19_224": {
-            "arch": ProtoPNetConfig.model_validate(
-                {
-                    "backbone": "vgg19",
-                    "num_classes": 200,
-                    "prototypes_per_class": 10,
-                    "prototype_depth": 128,
-                    "img_size": 224,
-                    "add_on": "regular",
-                }
-            ),
+            "arch": cub_vgg19_config(),
             "batch": 8,
         },
     }
