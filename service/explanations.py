@@ -112,11 +112,9 @@ def build_explanation(
     """
     names, classes = served.class_names, served.prototype_classes
     sims = exp.similarities.tolist()
-    logits, probs = exp.logits.tolist(), exp.probabilities.tolist()
-    top = [
-        {"class_index": k, "label": names[k], "logit": logits[k], "probability": probs[k]}
-        for k in exp.top_classes
-    ]
+    logits = exp.logits.tolist()
+    scores = class_scores(exp.logits, exp.probabilities, exp.top_classes, names)
+    top = [c.model_dump() for c in scores]
     sheets = []
     # float64 so each sheet's points add up to its logit (a few Python loops over the
     # class's own prototypes are cheaper than a dozen small tensor ops here).
