@@ -11,6 +11,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,40 +50,57 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return u_h @ maps.float() @ u_w.t()  # (N, H, W)
 
 
-def percentile_thresholds(maps: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
-    """Per-map q-th percentile with linear interpolation (numpy's default), (N, H, W) -> (N,).
+def _numpy(maps: torch.Tensor) -> np.ndarray:
+    """A CPU numpy view (or copy) of float maps; float16/bfloat16 become float32."""
+    maps = maps.detach()
+    if maps.dtype not in (torch.float32, torch.float64):
+        maps = maps.float()
+    return maps.cpu().numpy()
 
-    Uses a partial top-k rather than a full sort: only the top (100 - q)% is ordered.
+
+def thresholds_np(flat: np.ndarray, q: float = PERCENTILE) -> np.ndarray:
+    """Per-row q-th percentile with linear interpolation (numpy's default), (N, n) -> (N,).
+
+    A partial sort (``np.partition``) places just the two ranks around the percentile.
     """
-    flat = maps.flatten(1)  # (N, n)
     n = flat.shape[1]
     pos = q / 100 * (n - 1)
     lo = math.floor(pos)
-    frac = pos - lo
-    k = n - lo  # the values at sorted ranks lo .. n-1
-    top = flat.topk(k, dim=1, largest=True, sorted=True).values  # descending
-    v_lo = top[:, -1]
-    v_hi = top[:, -2] if k >= 2 else v_lo
-    return v_lo + frac * (v_hi - v_lo)
+    hi = min(lo + 1, n - 1)
+    part = np.partition(flat, (lo, hi) if hi > lo else lo, axis=1)
+    v_lo, v_hi = part[:, lo], part[:, hi]
+    return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+def boxes_np(maps: np.ndarray, q: float = PERCENTILE) -> np.ndarray:
+    """``percentile_boxes`` on a numpy (N, H, W) array: (N, 4) int64 (x0, y0, x1, y1)."""
+    N, H, W = maps.shape
+    if N == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    thr = thresholds_np(maps.reshape(N, H * W), q)
+    mask: np.ndarray = maps >= thr[:, None, None]  # (N, H, W)
+    rows = np.asarray(mask.any(axis=2))  # (N, H)
+    cols = np.asarray(mask.any(axis=1))  # (N, W)
+    y0, y1 = rows.argmax(axis=1), H - rows[:, ::-1].argmax(axis=1)
+    x0, x1 = cols.argmax(axis=1), W - cols[:, ::-1].argmax(axis=1)
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.int64)
+
+
+def percentile_thresholds(maps: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
+    """Per-map q-th percentile with linear interpolation (numpy's default), (N, H, W) -> (N,)
+    on the CPU."""
+    a = _numpy(maps)
+    return torch.from_numpy(thresholds_np(a.reshape(a.shape[0], -1), q))
 
 
 def percentile_boxes(maps: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
     """Smallest box holding every pixel >= the map's q-th percentile.
 
-    (N, H, W) -> (N, 4) int64 boxes (x0, y0, x1, y1), end exclusive. Several hot regions
-    give one enclosing box, as in the paper.
+    (N, H, W) -> (N, 4) int64 boxes (x0, y0, x1, y1), end exclusive, on the CPU. Several
+    hot regions give one enclosing box, as in the paper. Computed with numpy: on the
+    few dozen small maps of one explanation, torch's per-op overhead was most of the time.
     """
-    if maps.shape[0] == 0:
-        return torch.zeros((0, 4), dtype=torch.long)
-    thr = percentile_thresholds(maps, q)
-    mask = maps >= thr.view(-1, 1, 1)  # (N, H, W)
-    rows, cols = mask.any(dim=2), mask.any(dim=1)  # (N, H), (N, W)
-    H, W = rows.shape[1], cols.shape[1]
-    y0 = rows.float().argmax(dim=1)
-    y1 = H - rows.flip(1).float().argmax(dim=1)
-    x0 = cols.float().argmax(dim=1)
-    x1 = W - cols.flip(1).float().argmax(dim=1)
-    return torch.stack([x0, y0, x1, y1], dim=1).long()
+    return torch.from_numpy(boxes_np(_numpy(maps), q))
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,13 +233,18 @@ class PrototypeExplainer:
             raise ValueError(f"image sizes must be (width, height) >= 1, got {bad[:3]}")
         w_last = self.model.last_layer.weight.detach().float().cpu()  # (K, P)
         classes = self.model.prototype_classes.cpu()  # (P,)
-        Wl = sim_maps.shape[3]
         T = min(top_classes, logits.shape[1])
         N_top = min(top_prototypes, sim_maps.shape[1])
 
-        flat = sim_maps.flatten(2)  # (B, P, H'W')
-        sims, arg = flat.max(dim=2)  # (B, P)
-        peaks = torch.stack([arg // Wl, arg % Wl], dim=2)  # (B, P, 2)
+        # The per-image work below is a few dozen operations on small arrays, so it is
+        # done in numpy, whose per-call overhead is a fraction of torch's; the results
+        # are the same numbers (tests compare them with brute-force references).
+        sm = _numpy(sim_maps)  # (B, P, H', W')
+        B, P, Hl, Wl = sm.shape
+        flat = sm.reshape(B, P, Hl * Wl)
+        arg = flat.argmax(axis=2)  # (B, P), the first maximum
+        sims = torch.from_numpy(np.take_along_axis(flat, arg[..., None], axis=2)[..., 0])
+        peaks = torch.from_numpy(np.stack([arg // Wl, arg % Wl], axis=2))  # (B, P, 2)
         probs = logits.softmax(dim=1)
         results: list[ImageExplanation] = []
         for b, size in enumerate(image_sizes):
@@ -231,28 +254,23 @@ class PrototypeExplainer:
             top_p = sims[b].topk(N_top).indices.tolist()
             own = torch.nonzero(torch.isin(classes, tc)).flatten().tolist()
             shown = list(dict.fromkeys([*top_p, *own]))
-            low = sim_maps[b, shown]  # (N, H', W')
+            low = torch.from_numpy(sm[b, shown])  # (N, H', W')
             disp = display_size(size[0], size[1], self.max_map_side)
             maps, (vx0, vy0, vx1, vy1) = place_maps(low, size, disp, self.preprocessing)
-            visible = maps[:, vy0:vy1, vx0:vx1]
-            boxes = percentile_boxes(visible)  # in visible-window pixels
+            visible = maps.numpy()[:, vy0:vy1, vx0:vx1]
+            boxes = boxes_np(visible)  # in visible-window pixels
             boxes[:, [0, 2]] += vx0
             boxes[:, [1, 3]] += vy0
             vis_w = vx1 - vx0
-            am = visible.flatten(1).argmax(dim=1)
-            peak_xy = torch.stack([am % vis_w + vx0, am // vis_w + vy0], dim=1).float()
+            am = visible.reshape(len(shown), -1).argmax(axis=1)
+            peak_xy = np.stack([am % vis_w + vx0, am // vis_w + vy0], axis=1)
             sx, sy = size[0] / disp[0], size[1] / disp[1]
             if (sx, sy) != (1.0, 1.0):  # display -> original pixels, boxes grown outward
-                boxes = torch.stack(
-                    [
-                        (boxes[:, 0] * sx).floor(),
-                        (boxes[:, 1] * sy).floor(),
-                        (boxes[:, 2] * sx).ceil().clamp(max=size[0]),
-                        (boxes[:, 3] * sy).ceil().clamp(max=size[1]),
-                    ],
-                    dim=1,
-                ).long()
-            peak_xy = ((peak_xy + 0.5) * torch.tensor([sx, sy])).floor().long()
+                f = boxes.astype(np.float32) * np.array([sx, sy, sx, sy], dtype=np.float32)
+                boxes = np.concatenate([np.floor(f[:, :2]), np.ceil(f[:, 2:])], axis=1)
+                boxes = np.minimum(boxes, [size[0], size[1], size[0], size[1]]).astype(np.int64)
+            scale = np.array([sx, sy], dtype=np.float32)
+            peak_xy = np.floor((peak_xy.astype(np.float32) + 0.5) * scale).astype(np.int64)
             results.append(
                 ImageExplanation(
                     logits=logits[b],
@@ -267,8 +285,8 @@ class PrototypeExplainer:
                     shown=shown,
                     low_res_maps=low,
                     maps=maps,
-                    boxes=boxes,
-                    peaks=peak_xy,
+                    boxes=torch.from_numpy(boxes),
+                    peaks=torch.from_numpy(peak_xy),
                     image_size=size,
                     display_size=disp,
                 )
