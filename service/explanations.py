@@ -2,7 +2,8 @@
 
 PNGs are not made here unless asked for (heatmaps=inline); they are drawn later from the
 cached maps by ``service.render``. CPU work runs on the worker pool, the forward on the
-model's own thread, so the event loop only waits.
+model's own thread (followed there by the maps and JSON when the image was batched
+alone), so the event loop only waits.
 """
 
 from __future__ import annotations
@@ -214,9 +215,17 @@ class ExplanationService:
             return decode_opened(img, prep, s.max_image_pixels, s.max_map_side)
         return await self.run(decode_opened, img, prep, s.max_image_pixels, s.max_map_side)
 
-    async def forward(self, served: ServedModel, x: torch.Tensor) -> ForwardResult:
+    async def forward(
+        self,
+        served: ServedModel,
+        x: torch.Tensor,
+        then: Callable[[ForwardResult], T] | None = None,
+    ) -> Any:
+        """The forward result, or ``then`` of it (see ``ServedModel.forward_then``)."""
         try:
-            return await served.forward(x)
+            if then is None:
+                return await served.forward(x)
+            return await served.forward_then(x, then)
         except BatcherClosed:  # unloaded (max_loaded_models) or shutting down meanwhile
             raise QueueFullError(
                 f"model {served.ref} was just unloaded; retry after 1 s",
@@ -240,10 +249,10 @@ class ExplanationService:
         if cached is not None:
             return cached, True
         decoded = await self.decode(served, data)
-        fwd = await self.forward(served, decoded.tensor)
-        fields = await self.run(
-            self._finish, served, decoded, fwd, sha, eid, top_classes, top_prototypes, root
+        finish = functools.partial(
+            self._finish, served, decoded, sha, eid, top_classes, top_prototypes, root
         )
+        fields: dict[str, bytes] = await self.forward(served, decoded.tensor, finish)
         await self.cache.put(eid, fields)
         return fields["json"], False
 
@@ -251,14 +260,15 @@ class ExplanationService:
         self,
         served: ServedModel,
         decoded: DecodedImage,
-        fwd: ForwardResult,
         sha: str,
         eid: str,
         top_classes: int,
         top_prototypes: int,
         root: str,
+        fwd: ForwardResult,
     ) -> dict[str, bytes]:
-        """Post-forward work for one image (worker thread): maps, boxes, JSON, cache blobs."""
+        """Post-forward work for one image: maps, boxes, JSON, cache blobs. Runs on the
+        model thread after a forward of this image alone, else on a worker."""
         exp = served.explainer.explain_maps(
             fwd.sim_maps[None],
             fwd.logits[None],

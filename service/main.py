@@ -11,7 +11,6 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -25,6 +24,7 @@ from service.middleware import RequestContextMiddleware, configure_logging
 from service.registry import ModelRegistry
 from service.routes import explain, explanations, health, kserve, models
 from service.settings import Settings
+from service.threads import use_torch_threads
 
 log = logging.getLogger("service")
 
@@ -47,13 +47,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
     configure_pillow(settings.max_image_pixels)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="work")
+        # Workers run torch single-threaded; only model threads use several (service.threads).
+        pool = ThreadPoolExecutor(
+            settings.worker_threads,
+            thread_name_prefix="work",
+            initializer=use_torch_threads,
+            initargs=(1,),
+        )
+        # asyncio.to_thread (store reads, model loading) runs on the same workers.
+        asyncio.get_running_loop().set_default_executor(pool)
         cache = ExplanationCache(
             settings.redis_url,
             settings.cache_ttl_s,
@@ -64,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retry_s=settings.redis_retry_s,
         )
         await cache.start()
-        registry = ModelRegistry(ModelStore(settings.store), settings, metrics)
+        registry = ModelRegistry(ModelStore(settings.store), settings, metrics, pool)
         app.state.settings = settings
         app.state.metrics = metrics
         app.state.cache = cache

@@ -11,7 +11,10 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -20,8 +23,11 @@ from protopnet.explain import PrototypeExplainer
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
 from service.settings import Settings
+from service.threads import DEFAULT_TORCH_THREADS, use_torch_threads
 
 log = logging.getLogger("service.registry")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,7 +49,9 @@ def pick_device(setting: str) -> torch.device:
 class ServedModel:
     """A loaded version: the model on its device, its explainer and its batcher."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings, metrics: Metrics):
+    def __init__(
+        self, loaded: LoadedModel, settings: Settings, metrics: Metrics, pool: Executor | None
+    ):
         self.loaded = loaded
         self.manifest = loaded.manifest
         self.name, self.version = loaded.manifest.name, loaded.manifest.version
@@ -59,7 +67,8 @@ class ServedModel:
         for j, k in enumerate(self.prototype_classes):
             self.prototypes_of_class[k].append(j)
         self.explainer = PrototypeExplainer(self.model, self.preprocessing, settings.max_map_side)
-        # The explainer's post-forward step reads these; keep CPU copies made once.
+        # Only this model's thread runs torch with several threads (service.threads).
+        self.torch_threads = settings.torch_threads or DEFAULT_TORCH_THREADS
         self.batcher: MicroBatcher[ForwardResult] = MicroBatcher(
             self.ref,
             self._run_batch,
@@ -68,6 +77,8 @@ class ServedModel:
             max_queue=settings.max_queue,
             on_batch=lambda n, dt: self._on_batch(metrics, n, dt),
             on_wait=lambda s: metrics.queue_wait.labels(self.ref).observe(s),
+            thread_init=lambda: use_torch_threads(self.torch_threads),
+            pool=pool,
         )
         self._metrics = metrics
 
@@ -90,6 +101,12 @@ class ServedModel:
         self._metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
         return await self.batcher.submit(x)
 
+    async def forward_then(self, x: torch.Tensor, then: Callable[[ForwardResult], T]) -> T:
+        """``then(forward(x))``: on the model thread when x is batched alone, else on the
+        worker pool (``service.batcher``)."""
+        self._metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
+        return await self.batcher.submit(x, then)
+
     async def warm_up(self, max_batch: int) -> float:
         """Run batches of 1 and of the max size once, so the first request is not slow."""
         t0 = time.perf_counter()
@@ -106,8 +123,14 @@ class ServedModel:
 class ModelRegistry:
     """Resolves references through the store and keeps loaded versions."""
 
-    def __init__(self, store: ModelStore, settings: Settings, metrics: Metrics):
-        self.store, self.settings, self.metrics = store, settings, metrics
+    def __init__(
+        self,
+        store: ModelStore,
+        settings: Settings,
+        metrics: Metrics,
+        pool: Executor | None = None,  # the worker pool: post-forward steps of batches
+    ):
+        self.store, self.settings, self.metrics, self.pool = store, settings, metrics, pool
         self._models: OrderedDict[str, ServedModel] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self.ready = False
@@ -155,7 +178,9 @@ class ModelRegistry:
     async def _load(self, key: str) -> ServedModel:
         t0 = time.perf_counter()
         loaded = await asyncio.to_thread(self.store.load, key)
-        served = await asyncio.to_thread(ServedModel, loaded, self.settings, self.metrics)
+        served = await asyncio.to_thread(
+            ServedModel, loaded, self.settings, self.metrics, self.pool
+        )
         warm = await served.warm_up(self.settings.max_batch)
         self._models[key] = served
         log.info(

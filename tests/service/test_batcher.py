@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -149,3 +150,51 @@ def test_batch_sizes_never_exceed_max(max_batch: int) -> None:
 
     run(main())
     assert max(model.sizes) <= max_batch and sum(model.sizes) == 10
+
+
+def test_then_runs_on_the_model_thread_for_a_lone_request_and_on_the_pool_for_a_batch() -> None:
+    model = FakeModel(delay=0.02)
+    pool = ThreadPoolExecutor(2, thread_name_prefix="work")
+
+    def then(r: float) -> tuple[float, str]:
+        return r + 1, threading.current_thread().name
+
+    async def main() -> tuple[tuple[float, str], list[tuple[float, str]]]:
+        b = MicroBatcher("m", model, max_batch=8, max_wait_s=0.05, max_queue=64, pool=pool)
+        alone = await b.submit(torch.full((3,), 5.0), then)
+        together = await asyncio.gather(
+            *(b.submit(torch.full((3,), float(i)), then) for i in range(4))
+        )
+        await b.close()
+        return alone, together
+
+    alone, together = run(main())
+    pool.shutdown()
+    assert alone[0] == 11.0 and alone[1].startswith("model-m")  # no hand-off to a worker
+    assert [v for v, _ in together] == [2.0 * i + 1 for i in range(4)]
+    assert model.sizes[1:] == [4]  # the four shared one forward ...
+    assert all(name.startswith("work") for _, name in together)  # ... and finished on workers
+
+
+def test_a_failing_then_fails_only_its_own_request() -> None:
+    model = FakeModel()
+
+    def then(r: float) -> float:
+        if r == 14.0:
+            raise ValueError("bad options for this image")
+        return r
+
+    async def main() -> tuple[list[object], float]:
+        b = MicroBatcher("m", model, max_batch=1, max_wait_s=0, max_queue=8)
+        out = await asyncio.gather(
+            b.submit(torch.full((3,), 7.0), then),
+            b.submit(torch.full((3,), 1.0), then),
+            return_exceptions=True,
+        )
+        after = await b.submit(torch.full((3,), 3.0), then)  # the model thread lives on
+        await b.close()
+        return out, after
+
+    out, after = run(main())
+    assert isinstance(out[0], ValueError) and "bad options" in str(out[0])
+    assert out[1] == 2.0 and after == 6.0

@@ -1,0 +1,34 @@
+"""Which threads run torch with several intra-op threads: only the model threads.
+
+The CPU build of torch parallelises ops with OpenMP (libgomp), and libgomp gives every OS
+thread that starts a parallel region its own team of worker threads. Once the teams hold
+more threads than the machine has cores, libgomp stops letting idle workers spin
+between regions ("throttled" waiting), so each op then pays a sleep and a wake-up. On 2
+cores the demo model's forward went from 1.2 to 3.9 ms as soon as a second thread had
+run one parallel op (measured in ``bench/explain_latency.py``'s notes).
+
+So each model's own thread (``service.batcher``) uses ``torch_threads`` threads, and the
+worker pool, which decodes, draws and computes maps and boxes for many requests at once,
+runs torch single-threaded: it gets its parallelism from running requests side by side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The process's intra-op thread count before the service changes any (the number of
+# cores, or OMP_NUM_THREADS): the model threads' default. Read at import, on the main
+# thread, because a worker's ``use_torch_threads(1)`` changes what new threads start with.
+DEFAULT_TORCH_THREADS = torch.get_num_threads()
+
+
+def use_torch_threads(n: int) -> None:
+    """Give the calling thread ``n`` intra-op threads for good.
+
+    torch sets up each thread's count lazily, on its first parallel op, from the
+    process-wide value that the last ``set_num_threads`` anywhere left behind. Asking
+    for the count first runs that set-up now, so a model thread setting its own count
+    later cannot change this thread's.
+    """
+    torch.get_num_threads()
+    torch.set_num_threads(n)

@@ -1,0 +1,55 @@
+"""Only the model thread runs torch with several threads (service/threads.py): a second
+OpenMP team on another thread throttles both, which made small forwards 3x slower."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from service.main import create_app
+from service.settings import Settings
+
+
+def test_model_thread_uses_torch_threads_and_workers_one(store_root: Path) -> None:
+    torch.get_num_threads()  # this thread's own count is set before the service's change
+    before = torch.get_num_threads()
+    settings = Settings(
+        store=store_root,
+        default_model="photo",
+        models=[],
+        redis_url=None,
+        torch_threads=3,
+        worker_threads=2,
+        log_level="warning",
+    )
+    rng = np.random.default_rng(0)
+    # Large enough that decoding it on a worker would run parallel torch ops.
+    big = Image.fromarray(rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+
+    def counts() -> tuple[str, int]:
+        return threading.current_thread().name, torch.get_num_threads()
+
+    async def main() -> tuple[tuple[str, int], list[tuple[str, int]], dict]:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            served = await app.state.registry.get("photo")
+            svc = app.state.explanations
+            body, hit = await svc.explain(served, buf.getvalue(), 3, 10, "")
+            model = await served.batcher.on_thread(counts)
+            workers = await asyncio.gather(*(svc.run(counts) for _ in range(8)))
+            return model, workers, {"hit": hit, "body": body}
+
+    model, workers, out = asyncio.run(main())
+    assert not out["hit"] and b'"prediction"' in out["body"]
+    assert model[0].startswith("model-photo") and model[1] == 3
+    assert {name.split("_")[0] for name, _ in workers} == {"work"}
+    assert {n for _, n in workers} == {1}
+    assert torch.get_num_threads() == before  # the test's own thread is untouched
