@@ -32,11 +32,11 @@ import torch
 
 from bench.common import device_name, p50, write_result
 from bench.serving import ModelSource, RequestImages, demo_model, serve, vgg19_model
+from protopnet.threads import use_torch_threads
 from service.deps import resolve_options
 from service.images import decode_image
 from service.main import create_app
 from service.settings import Settings
-from service.threads import use_torch_threads
 from tests.service.conftest import ServerProcess
 
 GOAL_RATIO = 1.3
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.repeats_demo, args.repeats_vgg = 30, 4
     # This thread stands in for the service's event loop and never runs torch in
     # parallel; each model's thread gets the service's default, one thread per core
-    # (see service/threads.py for why only one thread may).
+    # (see protopnet/threads.py for why only one thread may).
     use_torch_threads(1)
     results: dict[str, Any] = {"device": device_name(), "goal_ratio": GOAL_RATIO, "models": {}}
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as d:

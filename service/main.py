@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from model_store import ModelStore
+from protopnet.threads import use_torch_threads
 from service.cache import ExplanationCache
 from service.errors import ErrorResponse, install_error_handlers
 from service.explanations import ExplanationService
@@ -24,7 +25,6 @@ from service.middleware import RequestContextMiddleware, configure_logging
 from service.registry import ModelRegistry
 from service.routes import explain, explanations, health, kserve, models
 from service.settings import Settings
-from service.threads import use_torch_threads
 
 log = logging.getLogger("service")
 
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Workers run torch single-threaded; only model threads use several (service.threads).
+        # Workers run torch single-threaded; only model threads use several (protopnet.threads).
         pool = ThreadPoolExecutor(
             settings.worker_threads,
             thread_name_prefix="work",

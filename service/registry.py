@@ -20,10 +20,10 @@ import torch
 
 from model_store import LoadedModel, ModelStore
 from protopnet.explain import PrototypeExplainer
+from protopnet.threads import DEFAULT_TORCH_THREADS, use_torch_threads
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
 from service.settings import Settings
-from service.threads import DEFAULT_TORCH_THREADS, use_torch_threads
 
 log = logging.getLogger("service.registry")
 
@@ -67,7 +67,7 @@ class ServedModel:
         for j, k in enumerate(self.prototype_classes):
             self.prototypes_of_class[k].append(j)
         self.explainer = PrototypeExplainer(self.model, self.preprocessing, settings.max_map_side)
-        # Only this model's thread runs torch with several threads (service.threads).
+        # Only this model's thread runs torch with several threads (protopnet.threads).
         self.torch_threads = settings.torch_threads or DEFAULT_TORCH_THREADS
         self.batcher: MicroBatcher[ForwardResult] = MicroBatcher(
             self.ref,

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     model_retry_s: float = Field(default=5.0, gt=0)  # start-up models missing: retry interval
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1" ...
     # Intra-op threads of each model's thread (default: the cores); the worker pool runs
-    # torch single-threaded, see service/threads.py.
+    # torch single-threaded, see protopnet/threads.py.
     torch_threads: int | None = Field(default=None, ge=1)
 
     # -- batching -------------------------------------------------------------------

@@ -33,6 +33,7 @@ from protopnet.explain import percentile_boxes, place_maps
 from protopnet.model import ProtoPNet
 from protopnet.preprocess import eval_transform, to_model_mode
 from protopnet.push import NearestPatches, NearestPatchSearch
+from protopnet.threads import use_torch_threads
 from protopnet.visualize import crop, draw_boxes, overlay
 from training.data import ImageSet, TransformedImages
 
@@ -262,7 +263,8 @@ def _draw_all(
     images are drawn on a few threads (OpenCV and torch release the GIL)."""
     workers = max(1, min(4, os.cpu_count() or 1, len(by_image)))
     items = list(by_image.items())
-    with ThreadPoolExecutor(workers) as pool:
+    # Single-threaded torch on the drawing threads (protopnet.threads).
+    with ThreadPoolExecutor(workers, initializer=use_torch_threads, initargs=(1,)) as pool:
         drawn = list(
             pool.map(
                 lambda item: _draw_source(images, item[0], item[1], maps, prep, visualize), items

@@ -1,4 +1,4 @@
-"""Only the model thread runs torch with several threads (service/threads.py): a second
+"""Only the model thread runs torch with several threads (protopnet/threads.py): a second
 OpenMP team on another thread throttles both, which made small forwards 3x slower."""
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""Which threads run torch with several intra-op threads: only the model threads.
+"""Which threads run torch with several intra-op threads: one per process at a time.
 
 The CPU build of torch parallelises ops with OpenMP (libgomp), and libgomp gives every OS
 thread that starts a parallel region its own team of worker threads. Once the teams hold
 more threads than the machine has cores, libgomp stops letting idle workers spin
 between regions ("throttled" waiting), so each op then pays a sleep and a wake-up. On 2
 cores the demo model's forward went from 1.2 to 3.9 ms as soon as a second thread had
-run one parallel op (measured in ``bench/explain_latency.py``'s notes).
+run one parallel op, and stayed there.
 
-So each model's own thread (``service.batcher``) uses ``torch_threads`` threads, and the
-worker pool, which decodes, draws and computes maps and boxes for many requests at once,
-runs torch single-threaded: it gets its parallelism from running requests side by side.
+So one thread computes with several threads (the service's model thread, training's
+main thread) and helper threads (the service's worker pool, push's drawing threads) run
+torch single-threaded: they get their parallelism from working side by side.
 """
 
 from __future__ import annotations
