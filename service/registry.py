@@ -8,6 +8,7 @@ out, up to ``max_loaded_models``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import OrderedDict
@@ -44,6 +45,20 @@ def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
+
+
+def settle_heap() -> None:
+    """Keep the garbage collector's full passes off the request path.
+
+    Loading torch, the web stack and a model leaves some 400 000 long-lived objects that
+    CPython's oldest generation rescans now and then; on 2 cores one such pass took
+    210 ms, stalling every request in flight (the p99 of the 16-client benchmark). Frozen
+    objects are never scanned. Called after each load and unload: unfreezing first lets
+    an unloaded model's reference cycles be collected rather than kept for good.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class ServedModel:
@@ -195,7 +210,12 @@ class ModelRegistry:
             log.info(
                 "unloading %s (max_loaded_models=%d)", old_key, self.settings.max_loaded_models
             )
-            asyncio.get_running_loop().create_task(old.close(self.settings.graceful_shutdown_s))
+            closing = asyncio.get_running_loop().create_task(
+                old.close(self.settings.graceful_shutdown_s)
+            )
+            closing.add_done_callback(lambda _: settle_heap())
+            del old
+        settle_heap()
         return served
 
     async def load_startup_models(self, retry_s: float = 5.0) -> None:
