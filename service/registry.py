@@ -250,3 +250,4 @@ class ModelRegistry:
         for served in list(self._models.values()):
             await served.close(self.settings.graceful_shutdown_s)
         self._models.clear()
+        gc.unfreeze()  # the process may go on (tests, benchmarks): collect normally again
