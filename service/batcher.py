@@ -163,12 +163,14 @@ class MicroBatcher(Generic[R]):
         if self.on_wait:
             for it in items:
                 self.on_wait(now - it.enqueued)
-        batch = torch.stack([it.x for it in items])  # (B, 3, S, S)
+        xs = [it.x for it in items]
         then = items[0].then if len(items) == 1 else None
 
         def work() -> tuple[list[R], float, tuple[Any, BaseException | None] | None]:
             t0 = time.perf_counter()
-            results = self.run_batch(batch)
+            # Stacked here, not on the event loop: a large copy runs in parallel, and
+            # only the model thread may (protopnet.threads).
+            results = self.run_batch(torch.stack(xs))  # (B, 3, S, S)
             dt = time.perf_counter() - t0  # the forward's own time, for metrics
             if then is None:
                 return results, dt, None

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -60,6 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # asyncio.to_thread (store reads, model loading) runs on the same workers.
         asyncio.get_running_loop().set_default_executor(pool)
+        # The event loop's thread too runs torch single-threaded while the app lives.
+        loop_threads = torch.get_num_threads()
+        use_torch_threads(1)
         cache = ExplanationCache(
             settings.redis_url,
             settings.cache_ttl_s,
@@ -91,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await registry.close()
             await cache.close()
             pool.shutdown(wait=True)
+            torch.set_num_threads(loop_threads)
             log.info("service stopped")
 
     app = FastAPI(

@@ -49,6 +49,8 @@ def test_model_thread_uses_torch_threads_and_workers_one(store_root: Path) -> No
             served = await app.state.registry.get("photo")
             svc = app.state.explanations
             body, hit = await svc.explain(served, buf.getvalue(), 3, 10, "")
+            loop = counts()
+            assert loop[1] == 1, f"the event loop's thread runs torch with {loop[1]} threads"
             model = await served.batcher.on_thread(counts)
             workers = await asyncio.gather(*(svc.run(counts) for _ in range(8)))
             return model, workers, {"hit": hit, "body": body}
