@@ -7,10 +7,10 @@ once, and batches also form by themselves from what queues during a forward. The
 is bounded, so an overloaded server answers 503 at once instead of piling up latency.
 
 A request may bring the step that follows its forward (``then``, e.g. the maps, boxes
-and JSON of an explanation). In a batch of one it runs right after the forward on the
-model thread, which saves two thread hand-offs on a model that is not busy; in a larger
-batch each item's step runs on the worker pool, side by side, and the model thread goes
-on to the next batch.
+and JSON of an explanation). In a batch of one, with nothing else queued, it runs right
+after the forward on the model thread, which saves two thread hand-offs on a model that
+is not busy; otherwise each item's step runs on the worker pool, side by side, and the
+model thread goes on to the next batch.
 """
 
 from __future__ import annotations
@@ -172,7 +172,9 @@ class MicroBatcher(Generic[R]):
             # only the model thread may (protopnet.threads).
             results = self.run_batch(torch.stack(xs))  # (B, 3, S, S)
             dt = time.perf_counter() - t0  # the forward's own time, for metrics
-            if then is None:
+            # Only while nothing waits for the model (a racy read of the queue's length
+            # from this thread; a wrong guess costs a hand-off or a short wait).
+            if then is None or self._queue.qsize():
                 return results, dt, None
             try:
                 return results, dt, (then(results[0]), None)

@@ -198,3 +198,25 @@ def test_a_failing_then_fails_only_its_own_request() -> None:
     out, after = run(main())
     assert isinstance(out[0], ValueError) and "bad options" in str(out[0])
     assert out[1] == 2.0 and after == 6.0
+
+
+def test_then_leaves_the_model_thread_when_others_wait() -> None:
+    model = FakeModel(delay=0.05)
+    pool = ThreadPoolExecutor(2, thread_name_prefix="work")
+
+    def then(r: float) -> str:
+        return threading.current_thread().name
+
+    async def main() -> list[str]:
+        b = MicroBatcher("m", model, max_batch=1, max_wait_s=0, max_queue=8, pool=pool)
+        first = asyncio.create_task(b.submit(torch.ones(3), then))
+        await asyncio.sleep(0.01)  # the first is in its forward ...
+        second = asyncio.create_task(b.submit(torch.ones(3), then))  # ... and this waits
+        out = [await first, await second]
+        await b.close()
+        return out
+
+    first, second = run(main())
+    pool.shutdown()
+    assert first.startswith("work")  # someone was queued: the model thread moved on
+    assert second.startswith("model-m")  # the last one, with nothing queued, stayed
