@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import os
+import subprocess
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -97,3 +100,13 @@ def test_loaded_models_are_frozen_and_an_unloaded_one_is_freed(tmp_path: Path) -
     assert frozen > 10_000
     assert loaded == ["second@1"]
     assert first() is None, "the unloaded model is still alive (kept by the frozen heap)"
+
+
+def test_importing_the_service_shortens_openmp_spinning_unless_set() -> None:
+    code = "import os, service, torch; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "10000", out.stderr
+    env["GOMP_SPINCOUNT"] = "300000"  # an operator's own choice is kept
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "300000", out.stderr
