@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -91,11 +91,7 @@ class MicroBatcher(Generic[R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
 
-    @overload
-    async def submit(self, x: torch.Tensor) -> R: ...
-    @overload
-    async def submit(self, x: torch.Tensor, then: Callable[[R], T]) -> T: ...
-    async def submit(self, x: torch.Tensor, then: Callable[[R], T] | None = None) -> R | T:
+    async def submit(self, x: torch.Tensor, then: Callable[[R], Any] | None = None) -> Any:
         """Queue one input and wait for its result, or for ``then(result)`` when given
         (raises BatcherFull at once if the queue is full)."""
         if self._closed:

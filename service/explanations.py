@@ -219,13 +219,11 @@ class ExplanationService:
         self,
         served: ServedModel,
         x: torch.Tensor,
-        then: Callable[[ForwardResult], T] | None = None,
+        then: Callable[[ForwardResult], Any] | None = None,
     ) -> Any:
-        """The forward result, or ``then`` of it (see ``ServedModel.forward_then``)."""
+        """The forward result, or ``then`` of it (see ``ServedModel.forward``)."""
         try:
-            if then is None:
-                return await served.forward(x)
-            return await served.forward_then(x, then)
+            return await served.forward(x, then)
         except BatcherClosed:  # unloaded (max_loaded_models) or shutting down meanwhile
             raise QueueFullError(
                 f"model {served.ref} was just unloaded; retry after 1 s",

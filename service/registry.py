@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
 import torch
 
@@ -27,8 +27,6 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("service.registry")
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -111,14 +109,12 @@ class ServedModel:
         min_d = out.min_distances.float().cpu()  # (B, P)
         return [ForwardResult(logits[b], min_d[b], sims[b]) for b in range(x.shape[0])]
 
-    async def forward(self, x: torch.Tensor) -> ForwardResult:
-        """One preprocessed image (3, S, S) through the batcher."""
-        self._metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
-        return await self.batcher.submit(x)
-
-    async def forward_then(self, x: torch.Tensor, then: Callable[[ForwardResult], T]) -> T:
-        """``then(forward(x))``: on the model thread when x is batched alone, else on the
-        worker pool (``service.batcher``)."""
+    async def forward(
+        self, x: torch.Tensor, then: Callable[[ForwardResult], Any] | None = None
+    ) -> Any:
+        """One preprocessed image (3, S, S) through the batcher: its ForwardResult, or
+        ``then`` of it (on the model thread when x was batched alone and nothing else
+        waits, else on the worker pool; see ``service.batcher``)."""
         self._metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
         return await self.batcher.submit(x, then)
 
@@ -214,7 +210,6 @@ class ModelRegistry:
                 old.close(self.settings.graceful_shutdown_s)
             )
             closing.add_done_callback(lambda _: settle_heap())
-            del old
         settle_heap()
         return served
 

@@ -14,6 +14,7 @@ import sys
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,18 +26,22 @@ from service.settings import Settings
 from tests.service.store_builder import build_photo_model
 
 
-def test_model_thread_uses_torch_threads_and_workers_one(store_root: Path) -> None:
-    torch.get_num_threads()  # this thread's own count is set before the service's change
-    before = torch.get_num_threads()
-    settings = Settings(
-        store=store_root,
-        default_model="photo",
+def in_process(store: Path, model: str, **overrides: Any) -> Settings:
+    """Settings for an app run in this process: no Redis, no start-up models."""
+    return Settings(
+        store=store,
+        default_model=model,
         models=[],
         redis_url=None,
-        torch_threads=3,
         worker_threads=2,
         log_level="warning",
+        **overrides,
     )
+
+
+def test_model_thread_uses_torch_threads_and_workers_one(store_root: Path) -> None:
+    before = torch.get_num_threads()  # also sets this thread's own count, before the app's
+    settings = in_process(store_root, "photo", torch_threads=3)
     rng = np.random.default_rng(0)
     # Large enough that decoding it on a worker would run parallel torch ops.
     big = Image.fromarray(rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8))
@@ -70,15 +75,7 @@ def test_loaded_models_are_frozen_and_an_unloaded_one_is_freed(tmp_path: Path) -
     store = ModelStore(tmp_path / "store")
     build_photo_model(store, name="first", seed=1)
     build_photo_model(store, name="second", seed=2)
-    settings = Settings(
-        store=store.root,
-        default_model="first",
-        models=[],
-        redis_url=None,
-        max_loaded_models=1,
-        worker_threads=2,
-        log_level="warning",
-    )
+    settings = in_process(store.root, "first", max_loaded_models=1)
 
     async def main() -> tuple[int, weakref.ref, list[str]]:
         app = create_app(settings)
