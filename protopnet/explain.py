@@ -11,6 +11,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,24 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return u_h @ maps.float() @ u_w.t()  # (N, H, W)
 
 
+@functools.lru_cache(maxsize=256)
+def _bicubic_np(n_in: int, n_out: int) -> np.ndarray:
+    return _bicubic_matrix(n_in, n_out).numpy()
+
+
+def upsample_np(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``upsample_maps`` for a float32 numpy (N, h, w) array on the CPU.
+
+    Each map is its own matrix product, so a map's pixels do not depend on which other
+    maps came with it (the service's heatmap PNGs redraw one map at a time and must
+    match the boxes computed from the whole stack).
+    """
+    if maps.shape[0] == 0:
+        return np.zeros((0, *size), dtype=np.float32)
+    h, w = maps.shape[1:]
+    return _bicubic_np(h, size[0]) @ maps.astype(np.float32, copy=False) @ _bicubic_np(w, size[1]).T
+
+
 def _numpy(maps: torch.Tensor) -> np.ndarray:
     """A CPU numpy view (or copy) of float maps; float16/bfloat16 become float32."""
     maps = maps.detach()
@@ -78,12 +97,15 @@ def boxes_np(maps: np.ndarray, q: float = PERCENTILE) -> np.ndarray:
     if N == 0:
         return np.zeros((0, 4), dtype=np.int64)
     thr = thresholds_np(maps.reshape(N, H * W), q)
-    mask: np.ndarray = maps >= thr[:, None, None]  # (N, H, W)
-    rows = np.asarray(mask.any(axis=2))  # (N, H)
-    cols = np.asarray(mask.any(axis=1))  # (N, W)
-    y0, y1 = rows.argmax(axis=1), H - rows[:, ::-1].argmax(axis=1)
-    x0, x1 = cols.argmax(axis=1), W - cols[:, ::-1].argmax(axis=1)
-    return np.stack([x0, y0, x1, y1], axis=1).astype(np.int64)
+    mask = (maps >= thr[:, None, None]).view(np.uint8)  # (N, H, W), contiguous
+    # OpenCV's bounding rectangle of each map's non-zero pixels, (x, y, w, h): one C
+    # call per map, cheaper than numpy's row and column reductions on small maps.
+    out = np.array([cv2.boundingRect(m) for m in mask], dtype=np.int64).reshape(N, 4)
+    out[:, 2:] += out[:, :2]
+    empty = out[:, 2] == out[:, 0]  # only a map of NaNs has no pixel >= its percentile
+    if empty.any():
+        out[empty] = (0, 0, W, H)
+    return out
 
 
 def percentile_thresholds(maps: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
@@ -148,6 +170,21 @@ def display_size(width: int, height: int, max_side: int | None) -> tuple[int, in
     return max(1, round(width * s)), max(1, round(height * s))
 
 
+def _placement(
+    image_size: tuple[int, int], disp: tuple[int, int], prep: Preprocessing
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """Where the model's input square goes on the display canvas: its (x0, y0, w, h),
+    which may extend past the canvas for "pad", and the visible window (x0, y0, x1, y1)."""
+    W, H = image_size
+    Wd, Hd = disp
+    sx, sy = Wd / W, Hd / H
+    rx0, ry0, rx1, ry1 = input_region(W, H, prep)
+    ax0, ay0 = round(rx0 * sx), round(ry0 * sy)
+    aw, ah = max(1, round((rx1 - rx0) * sx)), max(1, round((ry1 - ry0) * sy))
+    window = (max(ax0, 0), max(ay0, 0), min(ax0 + aw, Wd), min(ay0 + ah, Hd))
+    return (ax0, ay0, aw, ah), window
+
+
 def place_maps(
     low_res: torch.Tensor,
     image_size: tuple[int, int],
@@ -158,24 +195,42 @@ def place_maps(
 
     Returns the (N, Hd, Wd) canvas and the visible window (x0, y0, x1, y1) of the model's
     input inside it: the whole canvas for "stretch", a centre square for "center_crop"
-    (zero outside it), the image part of the letterbox for "pad".
+    (zero outside it), the image part of the letterbox for "pad". Runs on the maps'
+    device; ``place_maps_np`` is the CPU numpy twin the explainer uses.
     """
-    W, H = image_size
-    Wd, Hd = disp
-    sx, sy = Wd / W, Hd / H
-    rx0, ry0, rx1, ry1 = input_region(W, H, prep)
-    # The input square in display pixels (may extend past the canvas for "pad").
-    ax0, ay0 = round(rx0 * sx), round(ry0 * sy)
-    aw, ah = max(1, round((rx1 - rx0) * sx)), max(1, round((ry1 - ry0) * sy))
+    (ax0, ay0, aw, ah), (vx0, vy0, vx1, vy1) = _placement(image_size, disp, prep)
     region = upsample_maps(low_res, (ah, aw))  # (N, ah, aw)
-    vx0, vy0 = max(ax0, 0), max(ay0, 0)
-    vx1, vy1 = min(ax0 + aw, Wd), min(ay0 + ah, Hd)
     visible = region[:, vy0 - ay0 : vy1 - ay0, vx0 - ax0 : vx1 - ax0]
+    Wd, Hd = disp
     if (vx0, vy0, vx1, vy1) == (0, 0, Wd, Hd):
         return visible.contiguous(), (0, 0, Wd, Hd)
     canvas = low_res.new_zeros((low_res.shape[0], Hd, Wd))
     canvas[:, vy0:vy1, vx0:vx1] = visible
     return canvas, (vx0, vy0, vx1, vy1)
+
+
+def place_maps_np(
+    low_res: np.ndarray,
+    image_size: tuple[int, int],
+    disp: tuple[int, int],
+    prep: Preprocessing,
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``place_maps`` for float32 numpy maps: what the explainer and the service's
+    heatmap PNGs use, so a redrawn map is the one its box was computed from."""
+    (ax0, ay0, aw, ah), (vx0, vy0, vx1, vy1) = _placement(image_size, disp, prep)
+    region = upsample_np(low_res, (ah, aw))  # (N, ah, aw)
+    visible = region[:, vy0 - ay0 : vy1 - ay0, vx0 - ax0 : vx1 - ax0]
+    Wd, Hd = disp
+    if (vx0, vy0, vx1, vy1) == (0, 0, Wd, Hd):
+        return np.ascontiguousarray(visible), (0, 0, Wd, Hd)
+    canvas = np.zeros((low_res.shape[0], Hd, Wd), dtype=np.float32)
+    canvas[:, vy0:vy1, vx0:vx1] = visible
+    return canvas, (vx0, vy0, vx1, vy1)
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, largest first; ties go to the lower index."""
+    return np.argsort(-values, kind="stable")[:k]
 
 
 class PrototypeExplainer:
@@ -187,6 +242,20 @@ class PrototypeExplainer:
         self.model = model
         self.preprocessing = preprocessing
         self.max_map_side = max_map_side
+        self._by_class: tuple[tuple[int, int, tuple[int, ...]], dict[int, list[int]]] | None = None
+
+    def _prototypes_by_class(self) -> dict[int, list[int]]:
+        """Each class's own prototypes, in index order; recomputed only when the model's
+        class identity changes (pruning replaces it). Plain lists: on one image's three
+        classes, this is cheaper than any array operation."""
+        ident = self.model.prototype_class_identity
+        key = (id(ident), ident._version, tuple(ident.shape))
+        if self._by_class is None or self._by_class[0] != key:
+            by: dict[int, list[int]] = {}
+            for j, k in enumerate(self.model.prototype_classes.tolist()):
+                by.setdefault(k, []).append(j)
+            self._by_class = (key, by)
+        return self._by_class[1]
 
     @torch.inference_mode()
     def attribute(
@@ -205,7 +274,6 @@ class PrototypeExplainer:
         min_d = out.min_distances.float().cpu()  # (B, P)
         return self.explain_maps(sim_maps, logits, min_d, image_sizes, top_classes, top_prototypes)
 
-    @torch.inference_mode()
     def explain_maps(
         self,
         sim_maps: torch.Tensor,
@@ -231,60 +299,63 @@ class PrototypeExplainer:
         bad = [s for s in image_sizes if len(s) != 2 or min(s) < 1]
         if bad:
             raise ValueError(f"image sizes must be (width, height) >= 1, got {bad[:3]}")
-        w_last = self.model.last_layer.weight.detach().float().cpu()  # (K, P)
-        classes = self.model.prototype_classes.cpu()  # (P,)
+        w_last = _numpy(self.model.last_layer.weight)  # (K, P)
+        by_class = self._prototypes_by_class()
         T = min(top_classes, logits.shape[1])
         N_top = min(top_prototypes, sim_maps.shape[1])
 
-        # The per-image work below is a few dozen operations on small arrays, so it is
-        # done in numpy, whose per-call overhead is a fraction of torch's; the results
-        # are the same numbers (tests compare them with brute-force references).
+        # Everything below is numpy: on the few dozen small arrays of one explanation,
+        # torch's per-call overhead was most of the time. The results are the same
+        # numbers (tests compare them with brute-force references).
         sm = _numpy(sim_maps)  # (B, P, H', W')
         B, P, Hl, Wl = sm.shape
         flat = sm.reshape(B, P, Hl * Wl)
         arg = flat.argmax(axis=2)  # (B, P), the first maximum
-        sims = torch.from_numpy(np.take_along_axis(flat, arg[..., None], axis=2)[..., 0])
-        peaks = torch.from_numpy(np.stack([arg // Wl, arg % Wl], axis=2))  # (B, P, 2)
-        probs = logits.softmax(dim=1)
+        sims = flat.max(axis=2)  # (B, P), the value there
+        latent = np.empty((B, P, 2), dtype=np.int64)  # (h, w)
+        np.divmod(arg, Wl, out=(latent[..., 0], latent[..., 1]))
+        lg = _numpy(logits)
+        probs = logits.detach().float().softmax(dim=1)
         results: list[ImageExplanation] = []
         for b, size in enumerate(image_sizes):
-            tc = logits[b].topk(T).indices  # (T,)
+            tc = _top(lg[b], T)  # (T,)
             weights = w_last[tc]  # (T, P)
-            points = weights * sims[b].unsqueeze(0)  # (T, P)
-            top_p = sims[b].topk(N_top).indices.tolist()
-            own = torch.nonzero(torch.isin(classes, tc)).flatten().tolist()
+            points = weights * sims[b]  # (T, P)
+            top_p = _top(sims[b], N_top).tolist()
+            own = sorted(j for k in tc.tolist() for j in by_class.get(k, ()))
             shown = list(dict.fromkeys([*top_p, *own]))
-            low = torch.from_numpy(sm[b, shown])  # (N, H', W')
+            low = sm[b, shown]  # (N, H', W'), a copy
             disp = display_size(size[0], size[1], self.max_map_side)
-            maps, (vx0, vy0, vx1, vy1) = place_maps(low, size, disp, self.preprocessing)
-            visible = maps.numpy()[:, vy0:vy1, vx0:vx1]
+            maps, (vx0, vy0, vx1, vy1) = place_maps_np(low, size, disp, self.preprocessing)
+            visible = maps[:, vy0:vy1, vx0:vx1]
             boxes = boxes_np(visible)  # in visible-window pixels
-            boxes[:, [0, 2]] += vx0
-            boxes[:, [1, 3]] += vy0
-            vis_w = vx1 - vx0
+            boxes[:, 0::2] += vx0
+            boxes[:, 1::2] += vy0
             am = visible.reshape(len(shown), -1).argmax(axis=1)
-            peak_xy = np.stack([am % vis_w + vx0, am // vis_w + vy0], axis=1)
+            peak_xy = np.empty((len(shown), 2), dtype=np.int64)  # (x, y)
+            np.divmod(am, vx1 - vx0, out=(peak_xy[:, 1], peak_xy[:, 0]))
+            peak_xy += (vx0, vy0)
             sx, sy = size[0] / disp[0], size[1] / disp[1]
             if (sx, sy) != (1.0, 1.0):  # display -> original pixels, boxes grown outward
                 f = boxes.astype(np.float32) * np.array([sx, sy, sx, sy], dtype=np.float32)
                 boxes = np.concatenate([np.floor(f[:, :2]), np.ceil(f[:, 2:])], axis=1)
                 boxes = np.minimum(boxes, [size[0], size[1], size[0], size[1]]).astype(np.int64)
-            scale = np.array([sx, sy], dtype=np.float32)
-            peak_xy = np.floor((peak_xy.astype(np.float32) + 0.5) * scale).astype(np.int64)
+                scale = np.array([sx, sy], dtype=np.float32)
+                peak_xy = np.floor((peak_xy.astype(np.float32) + 0.5) * scale).astype(np.int64)
             results.append(
                 ImageExplanation(
                     logits=logits[b],
                     probabilities=probs[b],
                     top_classes=tc.tolist(),
-                    similarities=sims[b],
+                    similarities=torch.from_numpy(sims[b]),
                     min_distances=min_d[b],
-                    latent_peaks=peaks[b],
-                    weights=weights,
-                    points=points,
+                    latent_peaks=torch.from_numpy(latent[b]),
+                    weights=torch.from_numpy(weights),
+                    points=torch.from_numpy(points),
                     top_prototypes=top_p,
                     shown=shown,
-                    low_res_maps=low,
-                    maps=maps,
+                    low_res_maps=torch.from_numpy(low),
+                    maps=torch.from_numpy(maps),
                     boxes=torch.from_numpy(boxes),
                     peaks=torch.from_numpy(peak_xy),
                     image_size=size,

@@ -1,7 +1,8 @@
 """The explanation cache: Redis shared by every replica, a bounded in-process LRU below it.
 
 An entry is one explanation id holding named byte fields: "json" (the explanation),
-"render" (safetensors: low-resolution maps + geometry), "image" (the display-size JPEG),
+"render" (safetensors: low-resolution maps + geometry, and a small display image's
+pixels), "image" (the display-size JPEG of a larger one),
 and PNGs rendered later ("png:<prototype>:<style>", "boxes"). Every field is immutable
 for its id, so the two layers never disagree; Redis entries expire after a TTL.
 

@@ -113,13 +113,15 @@ def build_explanation(
     """
     names, classes = served.class_names, served.prototype_classes
     sims = exp.similarities.tolist()
-    logits = exp.logits.tolist()
-    scores = class_scores(exp.logits, exp.probabilities, exp.top_classes, names)
-    top = [c.model_dump() for c in scores]
+    logits, probs = exp.logits.tolist(), exp.probabilities.tolist()
+    top = [
+        {"class_index": k, "label": names[k], "logit": logits[k], "probability": probs[k]}
+        for k in exp.top_classes
+    ]
     sheets = []
-    # float64 so each sheet's points add up to its logit (a few Python loops over the
-    # class's own prototypes are cheaper than a dozen small tensor ops here).
-    p_rows, w_rows = exp.points.double().tolist(), exp.weights.tolist()
+    # Sums in float64 (math.fsum) so each sheet's points add up to its logit; a few
+    # Python loops over the class's own prototypes are cheaper than array calls here.
+    p_rows, w_rows = exp.points.tolist(), exp.weights.tolist()
     for k, p_row, w_row in zip(exp.top_classes, p_rows, w_rows, strict=True):
         order = sorted(served.prototypes_of_class[k], key=lambda j: -p_row[j])
         own_total, total = math.fsum(p_row[j] for j in order), math.fsum(p_row)
@@ -276,11 +278,13 @@ class ExplanationService:
             top_prototypes,
         )[0]
         body = build_explanation(exp, served, image_info(decoded, sha), eid, root)
-        return {
+        fields = {
             "json": orjson.dumps(body),
-            "render": render.pack_render(exp, served.preprocessing),
-            "image": render.encode_jpeg(decoded.display),
+            "render": render.pack_render(exp, served.preprocessing, decoded.display),
         }
+        if not render.keeps_pixels(decoded.display):
+            fields["image"] = render.encode_jpeg(decoded.display)
+        return fields
 
     async def present(self, json_bytes: bytes, mode: HeatmapMode) -> bytes:
         """The stored JSON as the client asked: URLs (as stored), inline PNGs, or none."""
@@ -330,13 +334,17 @@ class ExplanationService:
         )
 
     async def render_data(self, eid: str) -> tuple[render.RenderData, Any]:
+        """The render blob and the display image (its own pixels, or the JPEG field)."""
         blob = await self.cache.get(eid, "render")
-        jpeg = await self.cache.get(eid, "image")
-        if blob is None or jpeg is None:
+        if blob is None:
             raise self._missing(eid)
         rd = await self.run(render.unpack_render, blob)
-        image = await self.run(render.decode_jpeg, jpeg)
-        return rd, image
+        if rd.display is not None:
+            return rd, rd.display
+        jpeg = await self.cache.get(eid, "image")
+        if jpeg is None:
+            raise self._missing(eid)
+        return rd, await self.run(render.decode_jpeg, jpeg)
 
     async def heatmap(
         self,

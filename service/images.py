@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from protopnet.config import Preprocessing
 from protopnet.explain import display_size
-from protopnet.preprocess import eval_transform, to_model_mode
+from protopnet.preprocess import model_input, to_model_mode
 from service.errors import BadImageError, EmptyImageError, TooManyPixelsError, UnsupportedMediaError
 
 log = logging.getLogger("service.images")
@@ -161,7 +161,7 @@ def decode_opened(
             f"cannot convert an image of mode {mode!r} to RGB: {e}; use an RGB, RGBA, "
             "greyscale, palette, CMYK or 16-bit image"
         ) from None
-    tensor = eval_transform(prep)(rgb)  # (3, S, S)
+    tensor = model_input(prep)(rgb)  # (3, S, S)
     disp = display_size(size[0], size[1], max_side)
     shown = rgb if rgb.size == disp else rgb.resize(disp, Image.Resampling.BICUBIC)
     display = np.asarray(shown, dtype=np.uint8)  # (Hd, Wd, 3)

@@ -8,17 +8,17 @@ white region bounds the same box the JSON reports.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from protopnet.config import Preprocessing
-from protopnet.explain import ImageExplanation, place_maps
+from protopnet.explain import ImageExplanation, place_maps_np
 from protopnet.visualize import crop, draw_boxes, encode_png, heatmap_rgba, overlay, percentile_mask
 from service.errors import NotFoundError
 
@@ -29,13 +29,14 @@ STYLES = ("overlay", "heatmap", "mask")
 class RenderData:
     """What re-rendering needs: maps of the shown prototypes and the geometry."""
 
-    low_res: torch.Tensor  # (N, H', W') similarity maps of ``shown``
+    low_res: np.ndarray  # (N, H', W') float32 similarity maps of ``shown``
     shown: list[int]
     boxes: np.ndarray  # (N, 4) original-pixel boxes
     top_prototypes: list[int]
     image_size: tuple[int, int]  # (width, height), oriented original
     display_size: tuple[int, int]
     preprocessing: Preprocessing
+    display: np.ndarray | None = None  # (Hd, Wd, 3) uint8, kept here for small images
 
     def index(self, prototype: int) -> int:
         try:
@@ -60,18 +61,37 @@ class RenderData:
         )
 
 
-def pack_render(exp: ImageExplanation, prep: Preprocessing) -> bytes:
-    """The explanation's maps and geometry as safetensors bytes."""
-    tensors = {
-        "low_res": exp.low_res_maps.float().contiguous().numpy(),
+@functools.lru_cache(maxsize=64)
+def _prep_json(prep: Preprocessing) -> str:
+    return prep.model_dump_json()
+
+
+# Display images up to this many bytes of RGB (about 100 x 100 px) travel as raw pixels in
+# the render blob: exact (no JPEG artefacts on a small picture, where they show most) and
+# cheaper than encoding. Larger ones are stored as a JPEG, a tenth of their raw size.
+RAW_DISPLAY_BYTES = 32 * 1024
+
+
+def keeps_pixels(display: np.ndarray) -> bool:
+    """Whether ``pack_render`` stores this display image itself (no JPEG needed)."""
+    return display.nbytes <= RAW_DISPLAY_BYTES
+
+
+def pack_render(exp: ImageExplanation, prep: Preprocessing, display: np.ndarray) -> bytes:
+    """The explanation's maps and geometry as safetensors bytes, with the display image's
+    pixels when it is small (``keeps_pixels``)."""
+    tensors: dict[str, np.ndarray] = {
+        "low_res": np.ascontiguousarray(exp.low_res_maps.numpy(), dtype=np.float32),
         "shown": np.asarray(exp.shown, dtype=np.int64),
         "boxes": exp.boxes.numpy().astype(np.int64),
         "top_prototypes": np.asarray(exp.top_prototypes, dtype=np.int64),
     }
+    if keeps_pixels(display):
+        tensors["display"] = np.ascontiguousarray(display, dtype=np.uint8)
     meta = {
         "image_size": json.dumps(list(exp.image_size)),
         "display_size": json.dumps(list(exp.display_size)),
-        "preprocessing": prep.model_dump_json(),
+        "preprocessing": _prep_json(prep),
     }
     return st_save(tensors, metadata=meta)
 
@@ -84,13 +104,14 @@ def unpack_render(blob: bytes) -> RenderData:
     w, h = json.loads(meta["image_size"])
     dw, dh = json.loads(meta["display_size"])
     return RenderData(
-        low_res=torch.from_numpy(t["low_res"]),
+        low_res=t["low_res"],
         shown=[int(j) for j in t["shown"]],
         boxes=t["boxes"],
         top_prototypes=[int(j) for j in t["top_prototypes"]],
         image_size=(int(w), int(h)),
         display_size=(int(dw), int(dh)),
         preprocessing=Preprocessing.model_validate_json(meta["preprocessing"]),
+        display=t.get("display"),
     )
 
 
@@ -113,10 +134,10 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 def display_map(rd: RenderData, i: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Map i upsampled onto the display canvas, and the model input's visible window."""
-    canvas, window = place_maps(
+    canvas, window = place_maps_np(
         rd.low_res[i : i + 1], rd.image_size, rd.display_size, rd.preprocessing
     )  # (1, Hd, Wd)
-    return canvas[0].numpy(), window
+    return canvas[0], window
 
 
 def heatmap_png(rd: RenderData, image: np.ndarray, prototype: int, style: str) -> bytes:

@@ -222,6 +222,27 @@ def test_same_image_twice_is_a_cache_hit(client, redis_server: RedisProcess, pho
     assert len(third.json()["top_prototypes"]) == 3
 
 
+def test_a_small_image_is_kept_exactly_for_its_pictures(
+    client, redis_server: RedisProcess, photo_images
+) -> None:
+    """Up to ~100 x 100 px the display image is stored as raw pixels, not as a JPEG: the
+    boxes picture shows the upload's own pixels wherever no box or label is drawn."""
+    small = photo_images["coffee"].convert("RGB").resize((64, 48))
+    r = post_image(client, encode(small, "PNG"), top_prototypes=2)
+    assert r.status_code == 200, r.text
+    eid = r.json()["id"]
+    assert b"image" not in redis_server.client().hkeys(f"protopnet:exp:{eid}")  # no JPEG
+    boxes = np.asarray(png_of(client, r.json()["links"]["boxes"]))
+    same = (boxes == np.asarray(small)).all(axis=2)
+    assert boxes.shape == (48, 64, 3) and same.mean() > 0.5, same.mean()
+    # A larger upload keeps its JPEG, which cannot reproduce the photo's pixels exactly.
+    big = photo_images["coffee"].convert("RGB").resize((300, 200))
+    r = post_image(client, encode(big, "PNG"), top_prototypes=2)
+    assert b"image" in redis_server.client().hkeys(f"protopnet:exp:{r.json()['id']}")
+    boxes = np.asarray(png_of(client, r.json()["links"]["boxes"]))
+    assert (boxes == np.asarray(big)).all(axis=2).mean() < 0.5
+
+
 def test_get_explanation_returns_the_same_json(client, photo_images) -> None:
     r = post_image(client, encode(photo_images["cat"].resize((120, 80)), "PNG"))
     body = r.json()
