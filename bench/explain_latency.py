@@ -146,6 +146,7 @@ async def _measure(
         "image_size": served.preprocessing.img_size,
         "prototypes": model.num_prototypes,
         "classes": model.num_classes,
+        "model_torch_threads": served.torch_threads,  # as chosen at warm-up
         "repeats": repeats,
         "forward_ms_p50": _ms(times["forward"]),
         "explain_ms_p50": _ms(times["explain"]),
@@ -183,11 +184,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats_demo, args.repeats_vgg = 30, 4
-    # This thread stands in for the service's event loop and never runs torch in
-    # parallel; each model's thread gets the service's default, one thread per core
-    # (see protopnet/threads.py for why only one thread may).
-    use_torch_threads(1)
     results: dict[str, Any] = {"device": device_name(), "goal_ratio": GOAL_RATIO, "models": {}}
+    # This thread stands in for the service's event loop and never runs torch in
+    # parallel; each model's thread gets what the service chooses at warm-up (one thread
+    # or one per core; see protopnet/threads.py for why only one thread may).
+    use_torch_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as d:
         tmp = Path(d)
         jobs = [("demo", lambda: demo_model(tmp / "store", args.store), args.repeats_demo)]

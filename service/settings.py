@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(default=4, ge=1)  # least recently used ones are unloaded
     model_retry_s: float = Field(default=5.0, gt=0)  # start-up models missing: retry interval
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1" ...
-    # Intra-op threads of each model's thread (default: the cores); the worker pool runs
-    # torch single-threaded, see protopnet/threads.py.
+    # Intra-op threads of each model's thread. Unset on a CPU: one or all the cores, as
+    # timed at warm-up (service.registry.choose_torch_threads). The worker pool runs torch
+    # single-threaded, see protopnet/threads.py.
     torch_threads: int | None = Field(default=None, ge=1)
 
     # -- batching -------------------------------------------------------------------

@@ -21,21 +21,18 @@ import torch
 from PIL import Image
 
 from model_store import ModelStore
+from protopnet.threads import DEFAULT_TORCH_THREADS
 from service.main import create_app
+from service.registry import choose_torch_threads
 from service.settings import Settings
 from tests.service.store_builder import build_photo_model
 
 
 def in_process(store: Path, model: str, **overrides: Any) -> Settings:
     """Settings for an app run in this process: no Redis, no start-up models."""
+    base: dict[str, Any] = {"models": [], "redis_url": None, "worker_threads": 2}
     return Settings(
-        store=store,
-        default_model=model,
-        models=[],
-        redis_url=None,
-        worker_threads=2,
-        log_level="warning",
-        **overrides,
+        store=store, default_model=model, **{**base, "log_level": "warning", **overrides}
     )
 
 
@@ -69,6 +66,36 @@ def test_model_thread_uses_torch_threads_and_workers_one(store_root: Path) -> No
     assert {name.split("_")[0] for name, _ in workers} == {"work"}
     assert {n for _, n in workers} == {1}
     assert torch.get_num_threads() == before  # the test's own thread is untouched
+
+
+def test_torch_threads_go_to_a_model_only_where_they_pay() -> None:
+    # 2 cores: the second must give at least half a core's worth (1.5x faster).
+    assert choose_torch_threads(2.3e-3, 2.2e-3, 2) == 1  # the demo model: no faster
+    assert choose_torch_threads(0.40, 0.22, 2) == 2  # VGG-19: 1.8x faster
+    assert choose_torch_threads(0.40, 0.29, 2) == 1  # 1.4x
+    assert choose_torch_threads(1.0, 0.3, 4) == 4 and choose_torch_threads(1.0, 0.5, 4) == 1
+
+
+def test_unset_torch_threads_are_timed_and_used_on_the_model_thread(
+    store_root: Path, capsys
+) -> None:
+    """Without PROTOPNET_TORCH_THREADS a CPU model's thread gets what warm-up chose, and
+    the log says why; an explicit setting is used as it is (the test above)."""
+    settings = in_process(store_root, "photo", log_level="info")
+
+    async def main() -> tuple[int, int]:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            served = await app.state.registry.get("photo")
+            n = await served.batcher.on_thread(torch.get_num_threads)
+            return served.torch_threads, n
+
+    chosen, used = asyncio.run(main())
+    assert chosen == used
+    if DEFAULT_TORCH_THREADS > 1:
+        log = capsys.readouterr()
+        assert chosen in (1, DEFAULT_TORCH_THREADS)
+        assert f"with {DEFAULT_TORCH_THREADS}: using {chosen}" in log.out + log.err
 
 
 def test_loaded_models_are_frozen_and_an_unloaded_one_is_freed(tmp_path: Path) -> None:
