@@ -29,6 +29,11 @@ log = logging.getLogger("service.cache")
 
 KEY_PREFIX = "protopnet:exp:"
 CacheState = Literal["ok", "degraded", "local"]
+# What a Redis call raises when the server goes away. Besides redis-py's own errors and
+# socket errors: under uvloop, a connection the server drops during redis-py's connect
+# handshake raises RuntimeError ("unable to perform operation on <TCPTransport
+# closed=True>"), which reached a client as a 500 while Redis was being killed.
+REDIS_DOWN = (RedisError, OSError, RuntimeError)
 
 
 class LocalLRU:
@@ -120,7 +125,7 @@ class ExplanationCache:
         assert self._redis is not None
         try:
             return bool(await self._redis.ping())
-        except (RedisError, OSError) as e:
+        except REDIS_DOWN as e:
             self.last_error = str(e) or type(e).__name__
             return False
 
@@ -156,7 +161,7 @@ class ExplanationCache:
         if self._redis is not None and self._up:
             try:
                 value = await self._redis.hget(KEY_PREFIX + key, field)
-            except (RedisError, OSError) as e:
+            except REDIS_DOWN as e:
                 self._mark_down(str(e) or type(e).__name__)
                 value = None
             if value is not None:
@@ -178,5 +183,5 @@ class ExplanationCache:
                 pipe.hset(KEY_PREFIX + key, mapping=fields)  # type: ignore[arg-type]
                 pipe.expire(KEY_PREFIX + key, self.ttl_s)
                 await pipe.execute()
-        except (RedisError, OSError) as e:
+        except REDIS_DOWN as e:
             self._mark_down(str(e) or type(e).__name__)

@@ -87,3 +87,33 @@ def test_unreachable_at_start_is_degraded_not_fatal() -> None:
         assert local.state == "local"
 
     asyncio.run(main())
+
+
+def test_a_transport_closed_mid_call_degrades_like_any_outage() -> None:
+    """uvloop raises RuntimeError, not a RedisError, for a connection that Redis drops
+    during redis-py's handshake; it must degrade the cache, not fail the request."""
+
+    class DroppedConnection:
+        async def hget(self, *args: object) -> bytes:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+        def pipeline(self, **kwargs: object) -> object:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+        async def ping(self) -> bool:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    async def main() -> None:
+        c = _cache(None)
+        await c.start()
+        c.redis_url = "redis://127.0.0.1:1/0"
+        c._redis, c._up = DroppedConnection(), True  # a Redis that was up until now
+        await c.put("e5", {"json": b"y"})  # kept locally despite the error
+        assert c.state == "degraded" and "TCPTransport" in (c.last_error or "")
+        c._up = True
+        assert await c.get("e6", "json") is None  # a miss, not an exception
+        assert c.state == "degraded"
+        assert await c.get("e5", "json") == b"y"
+        await c.close()
+
+    asyncio.run(main())
