@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import training.push
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.model import ProtoPNet, create_model
 from protopnet.preprocess import eval_transform
@@ -67,8 +68,14 @@ def reference_box(act: np.ndarray, size: tuple[int, int]) -> tuple[int, int, int
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+@pytest.mark.parametrize("images_per_trunk_call", [None, 2])
 @pytest.mark.parametrize("proto_size", [(1, 1), (2, 2)])
-def test_push_matches_brute_force(proto_size: tuple[int, int]) -> None:
+def test_push_matches_brute_force(
+    proto_size: tuple[int, int], images_per_trunk_call: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if images_per_trunk_call is not None:  # batches of 5 go through the trunk as 2 + 2 + 1
+        monkeypatch.setattr(training.push, "CPU_TRUNK_PIXELS", images_per_trunk_call * 16 * 16)
+        assert [len(c) for c in training.push.trunk_chunks(torch.zeros(5, 3, 16, 16))] == [2, 2, 1]
     model, images = model_and_images(proto_size=proto_size)
     expected, z = brute_force_nearest(model, images)
     result = push_prototypes(model, images, PREP, batch_size=5, channels_last=False)
