@@ -67,12 +67,15 @@ class MicroBatcher(Generic[R]):
         on_wait: Callable[[float], None] | None = None,  # seconds an item waited
         thread_init: Callable[[], None] | None = None,  # run once on the model thread
         pool: Executor | None = None,  # where ``then`` steps of larger batches run
+        before_batch: Callable[[], None] | None = None,  # on the event loop, before each
     ):
         self.name = name
         self.run_batch = run_batch
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.on_batch, self.on_wait = on_batch, on_wait
         self.pool = pool
+        self.before_batch = before_batch
+        self.last_batch_end = time.monotonic()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
         self._thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"model-{name}", initializer=thread_init
@@ -86,6 +89,24 @@ class MicroBatcher(Generic[R]):
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    def idle_for(self) -> float:
+        """Seconds since the last batch ended, or 0 while one runs or items wait."""
+        if self._current or self._queue.qsize():
+            return 0.0
+        return time.monotonic() - self.last_batch_end
+
+    def use_thread(self, thread_init: Callable[[], None]) -> None:
+        """Run on a new model thread, set up by ``thread_init``, from now on; the old one
+        ends once its current work is done (call on the event loop, between batches: the
+        loop awaits each batch, so the two never run one at the same time)."""
+        old, self._thread = (
+            self._thread,
+            ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"model-{self.name}", initializer=thread_init
+            ),
+        )
+        old.shutdown(wait=False)
 
     def start(self) -> None:
         if self._task is None:
@@ -149,9 +170,15 @@ class MicroBatcher(Generic[R]):
             self._current = items
             self._last_size = len(items)
             try:
+                if self.before_batch is not None:
+                    try:
+                        self.before_batch()
+                    except Exception:  # the batch still runs, where it would have
+                        log.exception("before_batch of model %s failed", self.name)
                 await self._run(items)
             finally:
                 self._current = []
+                self.last_batch_end = time.monotonic()
 
     async def _run(self, items: list[_Item]) -> None:
         loop = asyncio.get_running_loop()

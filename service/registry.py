@@ -14,7 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 
 from model_store import LoadedModel, ModelStore
 from protopnet.explain import PrototypeExplainer
-from protopnet.threads import DEFAULT_TORCH_THREADS, use_torch_threads
+from protopnet.threads import DEFAULT_TORCH_THREADS, CoreBudget, use_torch_threads
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
 from service.settings import Settings
@@ -44,6 +44,10 @@ def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
+
+
+# A model whose batcher has been idle this long gives its cores to one that wants them.
+CORES_IDLE_S = 2.0
 
 
 def choose_torch_threads(one_s: float, many_s: float, many: int) -> int:
@@ -77,7 +81,12 @@ class ServedModel:
     """A loaded version: the model on its device, its explainer and its batcher."""
 
     def __init__(
-        self, loaded: LoadedModel, settings: Settings, metrics: Metrics, pool: Executor | None
+        self,
+        loaded: LoadedModel,
+        settings: Settings,
+        metrics: Metrics,
+        pool: Executor | None,
+        cores: CoreBudget | None = None,
     ):
         self.loaded = loaded
         self.manifest = loaded.manifest
@@ -95,9 +104,15 @@ class ServedModel:
             self.prototypes_of_class[k].append(j)
         self.explainer = PrototypeExplainer(self.model, self.preprocessing, settings.max_map_side)
         # Only this model's thread runs torch with several threads (protopnet.threads).
-        # Unset: chosen at warm-up by timing the forward (``choose_torch_threads``).
+        # Unset on a CPU: it starts with one and warm-up times whether more pay
+        # (``choose_torch_threads``); it has them while no other model's team holds the
+        # cores (``cores``, shared by the registry's models; see ``_grow``).
+        self.cores = cores if cores is not None else CoreBudget()
         self.auto_threads = settings.torch_threads is None and self.device.type == "cpu"
-        self.torch_threads = settings.torch_threads or DEFAULT_TORCH_THREADS
+        self.torch_threads = (
+            1 if self.auto_threads else settings.torch_threads or DEFAULT_TORCH_THREADS
+        )
+        self.wanted_threads = self.torch_threads
         self.batcher: MicroBatcher[ForwardResult] = MicroBatcher(
             self.ref,
             self._run_batch,
@@ -108,6 +123,7 @@ class ServedModel:
             on_wait=lambda s: metrics.queue_wait.labels(self.ref).observe(s),
             thread_init=lambda: use_torch_threads(self.torch_threads),
             pool=pool,
+            before_batch=self._grow if self.auto_threads else None,
         )
         self._metrics = metrics
 
@@ -139,41 +155,94 @@ class ServedModel:
         then pick the model thread's torch threads if the settings leave it open."""
         t0 = time.perf_counter()
         S = self.preprocessing.img_size
+        if self.device.type == "cpu" and not self.auto_threads:
+            # A count the operator set is used as it is, and counted against the others.
+            self.cores.take(self, self.torch_threads, insist=True)
         for b in sorted({1, min(2, max_batch), max_batch}):
             await self.batcher.run_now(torch.zeros(b, 3, S, S))
-        if self.auto_threads and self.torch_threads > 1:
+        if self.auto_threads and DEFAULT_TORCH_THREADS > 1:
             await self._pick_threads(torch.zeros(1, 3, S, S))
         self.batcher.start()
         return time.perf_counter() - t0
 
     async def _pick_threads(self, x: torch.Tensor) -> None:
-        """Time a lone image's forward with one thread and with all, on the model thread,
-        alternately, and keep the better use of the cores (``choose_torch_threads``)."""
-        many = self.torch_threads
+        """Time a lone image's forward with one thread and with one per core,
+        alternately, and want the better use of the cores (``choose_torch_threads``);
+        the model thread gets them when no other model holds them (``_grow``).
+
+        The model thread runs with one thread throughout; the forwards with more run on
+        a scratch thread that ends afterwards, because an OpenMP team lives as long as
+        its thread: a model that keeps one thread must not keep a team of idle workers
+        that throttles every other model's (``CoreBudget``). Should another model's team
+        hold the cores meanwhile, the trial is throttled for a second; that costs a large
+        model's forward little and a small model's much, which only favours one thread
+        for the small model, its right choice anyway.
+        """
+        many = DEFAULT_TORCH_THREADS
         times: dict[int, list[float]] = {1: [], many: []}
 
         def timed(n: int) -> None:
-            use_torch_threads(n)
             t = time.perf_counter()
             self._run_batch(x)
             times[n].append(time.perf_counter() - t)
 
+        loop = asyncio.get_running_loop()
         deadline = time.perf_counter() + 1.0  # a VGG-19 gets a few rounds, small models 7
-        for _ in range(7):
-            for n in (1, many, 1, many):
-                await self.batcher.on_thread(functools.partial(timed, n))
-            if time.perf_counter() > deadline:
-                break
+        with ThreadPoolExecutor(1, "threads-trial", use_torch_threads, (many,)) as scratch:
+            for _ in range(7):
+                for n in (1, many, 1, many):
+                    if n == 1:
+                        await self.batcher.on_thread(functools.partial(timed, 1))
+                    else:
+                        await loop.run_in_executor(scratch, timed, many)
+                if time.perf_counter() > deadline:
+                    break
         one, all_ = min(times[1]), min(times[many])
-        self.torch_threads = choose_torch_threads(one, all_, many)
-        await self.batcher.on_thread(lambda: use_torch_threads(self.torch_threads))
+        self.wanted_threads = choose_torch_threads(one, all_, many)
+        self._grow()
+        if self.torch_threads > 1:  # the team forms now, not on the first request
+            await self.batcher.run_now(x)
         log.info(
-            "%s: forward of one image %.2f ms with 1 torch thread, %.2f ms with %d: using %d",
+            "%s: forward of one image %.2f ms with 1 torch thread, %.2f ms with %d: using %d%s",
             self.ref, one * 1e3, all_ * 1e3, many, self.torch_threads,
+            "" if self.torch_threads == self.wanted_threads else
+            f" (wants {self.wanted_threads}; other models' threads hold the other cores)",
         )  # fmt: skip
 
+    def _use_threads(self, n: int) -> None:
+        """Move the model to a new thread with ``n`` torch threads (between batches)."""
+        self.torch_threads = n
+        self.batcher.use_thread(lambda: use_torch_threads(n))
+
+    def _grow(self) -> None:
+        """Before a batch (on the event loop): a model that has fewer threads than warm-up
+        found worth having takes the spare cores, or those of a model idle for
+        ``CORES_IDLE_S``. Another busy model keeps its own, so two busy models share the
+        cores without throttling each other, first loaded first served."""
+        if self.torch_threads >= self.wanted_threads:
+            return
+        if self.cores.free() < self.wanted_threads - self.torch_threads:
+            self._reclaim_idle_cores()
+        n = self.cores.take(self, self.wanted_threads)
+        if n != self.torch_threads:
+            log.info("%s: now %d torch threads (wants %d)", self.ref, n, self.wanted_threads)
+            self._use_threads(n)
+
+    def _reclaim_idle_cores(self) -> None:
+        for other in list(self.cores.held):
+            if (
+                isinstance(other, ServedModel)
+                and other is not self
+                and other.auto_threads
+                and other.batcher.idle_for() > CORES_IDLE_S
+            ):
+                log.info("%s: idle, its cores go to %s", other.ref, self.ref)
+                self.cores.give_back(other)
+                other._use_threads(1)
+
     async def close(self, timeout_s: float) -> None:
-        await self.batcher.close(timeout_s)
+        await self.batcher.close(timeout_s)  # its thread, and so its team, has ended
+        self.cores.give_back(self)
 
 
 class ModelRegistry:
@@ -188,6 +257,7 @@ class ModelRegistry:
     ):
         self.store, self.settings, self.metrics, self.pool = store, settings, metrics, pool
         self._models: OrderedDict[str, ServedModel] = OrderedDict()
+        self.cores = CoreBudget()  # what the models' threads may spread over
         self._locks: dict[str, asyncio.Lock] = {}
         self.ready = False
         self.error: str | None = None  # the start-up failures, one line
@@ -235,7 +305,7 @@ class ModelRegistry:
         t0 = time.perf_counter()
         loaded = await asyncio.to_thread(self.store.load, key)
         served = await asyncio.to_thread(
-            ServedModel, loaded, self.settings, self.metrics, self.pool
+            ServedModel, loaded, self.settings, self.metrics, self.pool, self.cores
         )
         warm = await served.warm_up(self.settings.max_batch)
         self._models[key] = served

@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     model_retry_s: float = Field(default=5.0, gt=0)  # start-up models missing: retry interval
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1" ...
     # Intra-op threads of each model's thread. Unset on a CPU: one or all the cores, as
-    # timed at warm-up (service.registry.choose_torch_threads). The worker pool runs torch
-    # single-threaded, see protopnet/threads.py.
+    # timed at warm-up (service.registry.choose_torch_threads), and never more workers
+    # over all loaded models than spare cores (protopnet.threads.CoreBudget). The worker
+    # pool runs torch single-threaded, see protopnet/threads.py.
     torch_threads: int | None = Field(default=None, ge=1)
 
     # -- batching -------------------------------------------------------------------

@@ -220,3 +220,37 @@ def test_then_leaves_the_model_thread_when_others_wait() -> None:
     pool.shutdown()
     assert first.startswith("work")  # someone was queued: the model thread moved on
     assert second.startswith("model-m")  # the last one, with nothing queued, stayed
+
+
+def test_a_new_model_thread_takes_the_next_batches_and_the_old_one_ends() -> None:
+    """``use_thread`` (a model's torch threads changed): later batches run on a new
+    thread set up by its initializer, ``before_batch`` runs before each batch, and the old
+    thread is gone once idle, so nothing it held (an OpenMP team) outlives it."""
+    model, calls = FakeModel(), []
+    setup = threading.local()
+
+    def before() -> None:
+        calls.append(len(model.sizes))
+        if len(calls) == 2:
+            raise RuntimeError("a failing hook must not lose the batch")
+
+    async def main() -> tuple[list[float], threading.Thread, threading.Thread, bool, str]:
+        b = MicroBatcher("m", model, 8, 0.0, 8, thread_init=lambda: None, before_batch=before)
+        first = await b.submit(torch.ones(3))
+        old = await b.on_thread(threading.current_thread)
+        b.use_thread(lambda: setattr(setup, "tag", "second"))
+        second = await b.submit(torch.full((3,), 2.0))
+        new = await b.on_thread(threading.current_thread)
+        tag = await b.on_thread(lambda: getattr(setup, "tag", ""))
+        for _ in range(100):
+            if not old.is_alive():
+                break
+            await asyncio.sleep(0.01)
+        third = await b.submit(torch.full((3,), 3.0))
+        await b.close()
+        return [first, second, third], old, new, old.is_alive(), tag
+
+    out, old, new, old_alive, tag = run(main())
+    assert out == [2.0, 4.0, 6.0] and calls == [0, 1, 2]
+    assert old is not new and new.name.startswith("model-m") and tag == "second"
+    assert not old_alive

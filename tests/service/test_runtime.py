@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+import service.registry as registry_module
 from model_store import ModelStore
-from protopnet.threads import DEFAULT_TORCH_THREADS
+from protopnet.threads import DEFAULT_TORCH_THREADS, CoreBudget
 from service.main import create_app
 from service.registry import choose_torch_threads
 from service.settings import Settings
@@ -134,3 +136,72 @@ def test_importing_the_service_shortens_openmp_spinning_unless_set() -> None:
     env["GOMP_SPINCOUNT"] = "300000"  # an operator's own choice is kept
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "300000", out.stderr
+
+
+def test_model_threads_share_the_spare_cores() -> None:
+    cores = CoreBudget(4)  # 3 workers beyond the model threads' own cores
+    a, b, c = object(), object(), object()
+    assert cores.take(a, 4) == 4 and cores.free() == 0
+    assert cores.take(b, 4) == 1  # nothing left: one thread, no team
+    cores.give_back(a)
+    assert cores.take(b, 2) == 2 and cores.free() == 2
+    assert cores.take(b, 4) == 4  # b's own 2 count as free when it asks again
+    assert cores.take(c, 3, insist=True) == 3 and cores.free() == 0  # the operator's count
+    cores.give_back(b)
+    cores.give_back(c)
+    assert cores.free() == 3 and cores.held == {}
+
+
+def openmp_workers() -> int:
+    """Threads of this process that Python did not start (libgomp's team workers)."""
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+
+@pytest.mark.skipif(DEFAULT_TORCH_THREADS < 2, reason="needs 2 cores to share")
+def test_two_models_never_hold_more_workers_than_cores_and_an_idle_one_gives_them_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both models want every core (as a VGG-19 does): the first keeps them, the second
+    runs on one thread with no team, and gets them once the first has been idle; at no
+    point do the teams' workers outnumber the spare cores (which throttled both)."""
+    store = ModelStore(tmp_path / "store")
+    build_photo_model(store, name="first", seed=1)
+    build_photo_model(store, name="second", seed=2)
+    monkeypatch.setattr(registry_module, "choose_torch_threads", lambda one, many_s, n: n)
+    monkeypatch.setattr(registry_module, "CORES_IDLE_S", 60.0)
+    spare = DEFAULT_TORCH_THREADS - 1
+    before = openmp_workers()
+
+    async def workers_settle() -> int:  # ended threads' teams go away shortly after
+        for _ in range(200):
+            if openmp_workers() - before <= spare:
+                break
+            await asyncio.sleep(0.02)
+        return openmp_workers() - before
+
+    async def main() -> dict[str, Any]:
+        app = create_app(in_process(store.root, "first"))
+        async with app.router.lifespan_context(app):
+            reg = app.state.registry
+            first = await reg.get("first")
+            second = await reg.get("second")
+            seen: dict[str, Any] = {"loaded": [first.torch_threads, second.torch_threads]}
+            seen["loaded_used"] = [
+                await m.batcher.on_thread(torch.get_num_threads) for m in (first, second)
+            ]
+            seen["loaded_workers"] = await workers_settle()
+            monkeypatch.setattr(registry_module, "CORES_IDLE_S", 0.2)
+            await asyncio.sleep(0.3)  # "first" idle; "second" gets a request
+            await second.forward(torch.zeros(3, 64, 64))
+            seen["later"] = [first.torch_threads, second.torch_threads]
+            seen["later_used"] = [
+                await m.batcher.on_thread(torch.get_num_threads) for m in (first, second)
+            ]
+            seen["later_workers"] = await workers_settle()
+            return seen
+
+    seen = asyncio.run(main())
+    n = DEFAULT_TORCH_THREADS
+    assert seen["loaded"] == seen["loaded_used"] == [n, 1]
+    assert seen["later"] == seen["later_used"] == [1, n]
+    assert seen["loaded_workers"] <= spare and seen["later_workers"] <= spare
