@@ -28,6 +28,7 @@ from model_store import ModelStore, PrototypeRecord
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.errors import ProtoPNetError
 from protopnet.model import create_model
+from protopnet.threads import on_scratch_thread
 
 if TYPE_CHECKING:
     from tests.service.conftest import ServerProcess
@@ -61,7 +62,21 @@ def publish_random(
     class_names: list[str],
     seed: int = 0,
 ) -> str:
-    """Publish a random-weight model (speed does not depend on the weights); its ref."""
+    """Publish a random-weight model (speed does not depend on the weights); its ref.
+
+    Built on a scratch thread: torch's ops here would leave this thread (often the one
+    that then runs the service in process) an OpenMP team that throttles the model's."""
+    return on_scratch_thread(lambda: _publish_random(store, name, arch, prep, class_names, seed))
+
+
+def _publish_random(
+    store: ModelStore,
+    name: str,
+    arch: ProtoPNetConfig,
+    prep: Preprocessing,
+    class_names: list[str],
+    seed: int,
+) -> str:
     torch.manual_seed(seed)
     model = create_model(arch).eval()
     classes = arch.classes_of_prototypes()

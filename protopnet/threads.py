@@ -16,7 +16,13 @@ A team lives as long as its thread: lowering a thread's count later does not end
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 # The process's intra-op thread count before the service changes any (the number of
 # cores, or OMP_NUM_THREADS): the model threads' default. Read at import, on the main
@@ -69,3 +75,12 @@ class CoreBudget:
     def give_back(self, owner: object) -> None:
         """``owner``'s model thread ended, or runs on one thread from now on."""
         self.held.pop(owner, None)
+
+
+def on_scratch_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own that ends with it, so the OpenMP team its torch
+    ops start ends too. A benchmark or tool that builds models on its main thread and
+    then serves from it would otherwise keep that team for good, and with it every model
+    thread's team beside it would be throttled."""
+    with ThreadPoolExecutor(1, "scratch") as pool:
+        return pool.submit(fn).result()

@@ -87,6 +87,7 @@ class ServedModel:
         metrics: Metrics,
         pool: Executor | None,
         cores: CoreBudget | None = None,
+        trials: asyncio.Lock | None = None,  # one thread trial at a time
     ):
         self.loaded = loaded
         self.manifest = loaded.manifest
@@ -108,11 +109,13 @@ class ServedModel:
         # (``choose_torch_threads``); it has them while no other model's team holds the
         # cores (``cores``, shared by the registry's models; see ``_grow``).
         self.cores = cores if cores is not None else CoreBudget()
+        self.trials = trials if trials is not None else asyncio.Lock()
         self.auto_threads = settings.torch_threads is None and self.device.type == "cpu"
         self.torch_threads = (
             1 if self.auto_threads else settings.torch_threads or DEFAULT_TORCH_THREADS
         )
         self.wanted_threads = self.torch_threads
+        self._in_trial = False  # timing its threads at warm-up: its cores are not taken
         self.batcher: MicroBatcher[ForwardResult] = MicroBatcher(
             self.ref,
             self._run_batch,
@@ -166,19 +169,47 @@ class ServedModel:
         return time.perf_counter() - t0
 
     async def _pick_threads(self, x: torch.Tensor) -> None:
-        """Time a lone image's forward with one thread and with one per core,
-        alternately, and want the better use of the cores (``choose_torch_threads``);
-        the model thread gets them when no other model holds them (``_grow``).
+        """Time a lone image's forward with one thread and with the spare cores,
+        alternately, and want the better use of them (``choose_torch_threads``); the
+        model thread then has them while no other model holds them (``_grow``).
 
+        The trial needs the cores to itself: next to another model's team the forwards
+        with several threads are throttled (a ResNet-50's went from 69 to 117 ms, which
+        would have chosen one thread). So it takes them from models not running a batch
+        at this moment; with all of them busy, the model runs on one thread untried.
         The model thread runs with one thread throughout; the forwards with more run on
         a scratch thread that ends afterwards, because an OpenMP team lives as long as
-        its thread: a model that keeps one thread must not keep a team of idle workers
-        that throttles every other model's (``CoreBudget``). Should another model's team
-        hold the cores meanwhile, the trial is throttled for a second; that costs a large
-        model's forward little and a small model's much, which only favours one thread
-        for the small model, its right choice anyway.
+        its thread and one left behind would throttle every other model's.
         """
-        many = DEFAULT_TORCH_THREADS
+        async with self.trials:  # two models loading at once: one trial, then the other
+            await self._pick_threads_alone(x)
+
+    async def _pick_threads_alone(self, x: torch.Tensor) -> None:
+        self._in_trial = True
+        try:
+            self._reclaim_cores(idle_s=0.0)
+            many = self.cores.take(self, DEFAULT_TORCH_THREADS)  # held during the trial
+            if many == 1:
+                log.info(
+                    "%s: other models are busy on the other cores: using 1 torch thread, "
+                    "untried", self.ref,
+                )  # fmt: skip
+                return
+            one, all_ = await self._trial(x, many)
+        finally:
+            self._in_trial = False
+            self.cores.give_back(self)
+        self.wanted_threads = choose_torch_threads(one, all_, many)
+        self._grow()
+        if self.torch_threads > 1:  # the team forms now, not on the first request
+            await self.batcher.run_now(x)
+        log.info(
+            "%s: forward of one image %.2f ms with 1 torch thread, %.2f ms with %d: using %d",
+            self.ref, one * 1e3, all_ * 1e3, many, self.torch_threads,
+        )  # fmt: skip
+
+    async def _trial(self, x: torch.Tensor, many: int) -> tuple[float, float]:
+        """Fastest forward with 1 thread (model thread) and ``many`` (scratch thread)."""
         times: dict[int, list[float]] = {1: [], many: []}
 
         def timed(n: int) -> None:
@@ -197,17 +228,7 @@ class ServedModel:
                         await loop.run_in_executor(scratch, timed, many)
                 if time.perf_counter() > deadline:
                     break
-        one, all_ = min(times[1]), min(times[many])
-        self.wanted_threads = choose_torch_threads(one, all_, many)
-        self._grow()
-        if self.torch_threads > 1:  # the team forms now, not on the first request
-            await self.batcher.run_now(x)
-        log.info(
-            "%s: forward of one image %.2f ms with 1 torch thread, %.2f ms with %d: using %d%s",
-            self.ref, one * 1e3, all_ * 1e3, many, self.torch_threads,
-            "" if self.torch_threads == self.wanted_threads else
-            f" (wants {self.wanted_threads}; other models' threads hold the other cores)",
-        )  # fmt: skip
+        return min(times[1]), min(times[many])
 
     def _use_threads(self, n: int) -> None:
         """Move the model to a new thread with ``n`` torch threads (between batches)."""
@@ -215,28 +236,30 @@ class ServedModel:
         self.batcher.use_thread(lambda: use_torch_threads(n))
 
     def _grow(self) -> None:
-        """Before a batch (on the event loop): a model that has fewer threads than warm-up
+        """Before a batch (on the event loop): a model with fewer threads than warm-up
         found worth having takes the spare cores, or those of a model idle for
-        ``CORES_IDLE_S``. Another busy model keeps its own, so two busy models share the
-        cores without throttling each other, first loaded first served."""
+        ``CORES_IDLE_S``. A model that served within that time keeps its own, so two busy
+        models share the cores without throttling each other."""
         if self.torch_threads >= self.wanted_threads:
             return
         if self.cores.free() < self.wanted_threads - self.torch_threads:
-            self._reclaim_idle_cores()
+            self._reclaim_cores(idle_s=CORES_IDLE_S)
         n = self.cores.take(self, self.wanted_threads)
         if n != self.torch_threads:
             log.info("%s: now %d torch threads (wants %d)", self.ref, n, self.wanted_threads)
             self._use_threads(n)
 
-    def _reclaim_idle_cores(self) -> None:
+    def _reclaim_cores(self, idle_s: float) -> None:
+        """Move other models that hold cores and ran no batch for ``idle_s`` to one thread."""
         for other in list(self.cores.held):
             if (
                 isinstance(other, ServedModel)
                 and other is not self
                 and other.auto_threads
-                and other.batcher.idle_for() > CORES_IDLE_S
+                and not other._in_trial
+                and other.batcher.idle_for() > idle_s
             ):
-                log.info("%s: idle, its cores go to %s", other.ref, self.ref)
+                log.info("%s: not busy, its cores go to %s", other.ref, self.ref)
                 self.cores.give_back(other)
                 other._use_threads(1)
 
@@ -258,6 +281,7 @@ class ModelRegistry:
         self.store, self.settings, self.metrics, self.pool = store, settings, metrics, pool
         self._models: OrderedDict[str, ServedModel] = OrderedDict()
         self.cores = CoreBudget()  # what the models' threads may spread over
+        self.trials = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
         self.ready = False
         self.error: str | None = None  # the start-up failures, one line
@@ -305,7 +329,7 @@ class ModelRegistry:
         t0 = time.perf_counter()
         loaded = await asyncio.to_thread(self.store.load, key)
         served = await asyncio.to_thread(
-            ServedModel, loaded, self.settings, self.metrics, self.pool, self.cores
+            ServedModel, loaded, self.settings, self.metrics, self.pool, self.cores, self.trials
         )
         warm = await served.warm_up(self.settings.max_batch)
         self._models[key] = served

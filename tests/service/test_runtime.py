@@ -161,47 +161,59 @@ def openmp_workers() -> int:
 def test_two_models_never_hold_more_workers_than_cores_and_an_idle_one_gives_them_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both models want every core (as a VGG-19 does): the first keeps them, the second
-    runs on one thread with no team, and gets them once the first has been idle; at no
-    point do the teams' workers outnumber the spare cores (which throttled both)."""
+    """Both models want every core (as a VGG-19 does). The second one loaded takes them
+    for its trial from the first, which is not busy; the first, served meanwhile, runs on
+    one thread with no team while the second served recently, and gets them back once
+    the second has been idle. At no point do the teams' workers outnumber the spare
+    cores (which throttled both)."""
     store = ModelStore(tmp_path / "store")
     build_photo_model(store, name="first", seed=1)
     build_photo_model(store, name="second", seed=2)
-    monkeypatch.setattr(registry_module, "choose_torch_threads", lambda one, many_s, n: n)
+    build_photo_model(store, name="small", seed=3)
     monkeypatch.setattr(registry_module, "CORES_IDLE_S", 60.0)
     spare = DEFAULT_TORCH_THREADS - 1
     before = openmp_workers()
 
-    async def workers_settle() -> int:  # ended threads' teams go away shortly after
-        for _ in range(200):
+    async def state(models: list[Any]) -> dict[str, Any]:
+        for _ in range(200):  # an ended thread's team goes away shortly after it
             if openmp_workers() - before <= spare:
                 break
             await asyncio.sleep(0.02)
-        return openmp_workers() - before
+        used = [await m.batcher.on_thread(torch.get_num_threads) for m in models]
+        return {
+            "threads": [m.torch_threads for m in models],
+            "used": used,
+            "workers": openmp_workers() - before,
+        }
 
-    async def main() -> dict[str, Any]:
-        app = create_app(in_process(store.root, "first"))
+    async def main() -> list[dict[str, Any]]:
+        # One that keeps one thread after its trial with all cores leaves no team.
+        monkeypatch.setattr(registry_module, "choose_torch_threads", lambda *_: 1)
+        app = create_app(in_process(store.root, "small"))
         async with app.router.lifespan_context(app):
             reg = app.state.registry
+            while not reg.ready:
+                await asyncio.sleep(0.01)
+            small = await reg.get("small")
+            seen = [await state([small])]
+            monkeypatch.setattr(registry_module, "choose_torch_threads", lambda *a: a[2])
             first = await reg.get("first")
+            seen.append(await state([first]))
             second = await reg.get("second")
-            seen: dict[str, Any] = {"loaded": [first.torch_threads, second.torch_threads]}
-            seen["loaded_used"] = [
-                await m.batcher.on_thread(torch.get_num_threads) for m in (first, second)
-            ]
-            seen["loaded_workers"] = await workers_settle()
+            seen.append(await state([first, second]))
+            await first.forward(torch.zeros(3, 64, 64))  # second warmed up just now: keeps them
+            seen.append(await state([first, second]))
             monkeypatch.setattr(registry_module, "CORES_IDLE_S", 0.2)
-            await asyncio.sleep(0.3)  # "first" idle; "second" gets a request
-            await second.forward(torch.zeros(3, 64, 64))
-            seen["later"] = [first.torch_threads, second.torch_threads]
-            seen["later_used"] = [
-                await m.batcher.on_thread(torch.get_num_threads) for m in (first, second)
-            ]
-            seen["later_workers"] = await workers_settle()
+            await asyncio.sleep(0.3)
+            await first.forward(torch.zeros(3, 64, 64))  # second idle: first takes them
+            seen.append(await state([first, second]))
             return seen
 
     seen = asyncio.run(main())
     n = DEFAULT_TORCH_THREADS
-    assert seen["loaded"] == seen["loaded_used"] == [n, 1]
-    assert seen["later"] == seen["later_used"] == [1, n]
-    assert seen["loaded_workers"] <= spare and seen["later_workers"] <= spare
+    assert seen[0]["threads"] == seen[0]["used"] == [1] and seen[0]["workers"] == 0
+    assert seen[1]["threads"] == seen[1]["used"] == [n]
+    assert seen[2]["threads"] == seen[2]["used"] == [1, n]
+    assert seen[3]["threads"] == seen[3]["used"] == [1, n]
+    assert seen[4]["threads"] == seen[4]["used"] == [n, 1]
+    assert all(s["workers"] <= spare for s in seen), seen
