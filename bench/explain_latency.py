@@ -134,7 +134,10 @@ async def _measure(
 
     fwd = p50(times["forward"])
     if servers:
-        out: dict[str, Any] = {"forward_http_phase_ms_p50": _ms(times["forward"])}
+        out: dict[str, Any] = {
+            "forward_http_phase_ms_p50": _ms(times["forward"]),
+            "model_torch_threads_http_phase": served.torch_threads,
+        }
         for k in servers:
             out[f"http_{k}_ms_p50"] = _ms(times[f"http_{k}"])
             out[f"http_{k}_ratio"] = round(p50(times[f"http_{k}"]) / fwd, 3)
