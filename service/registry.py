@@ -335,7 +335,11 @@ class ModelRegistry:
         served = await asyncio.to_thread(
             ServedModel, loaded, self.settings, self.metrics, self.pool, self.cores, self.trials
         )
-        warm = await served.warm_up(self.settings.max_batch)
+        try:
+            warm = await served.warm_up(self.settings.max_batch)
+        except BaseException:
+            await served.close(0.0)  # its thread ends and its cores go back
+            raise
         self._models[key] = served
         log.info(
             "loaded %s on %s in %.2f s (warm-up %.2f s)",

@@ -217,3 +217,26 @@ def test_two_models_never_hold_more_workers_than_cores_and_an_idle_one_gives_the
     assert seen[3]["threads"] == seen[3]["used"] == [1, n]
     assert seen[4]["threads"] == seen[4]["used"] == [n, 1]
     assert all(s["workers"] <= spare for s in seen), seen
+
+
+def test_a_model_that_fails_its_warm_up_gives_its_cores_back(
+    store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Any, x: torch.Tensor) -> list:
+        raise RuntimeError("out of memory in warm-up")
+
+    monkeypatch.setattr(registry_module.ServedModel, "_run_batch", broken)
+
+    async def main() -> tuple[str, int, dict]:
+        app = create_app(in_process(store_root, "photo", torch_threads=2))
+        async with app.router.lifespan_context(app):
+            reg = app.state.registry
+            try:
+                await reg.get("photo")
+            except RuntimeError as e:
+                return str(e), reg.cores.free(), dict(reg.cores.held)
+            raise AssertionError("warm-up did not fail")
+
+    error, free, held = asyncio.run(main())
+    assert error == "out of memory in warm-up"
+    assert held == {} and free == max(0, DEFAULT_TORCH_THREADS - 1)
