@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,6 @@ async def _forwards(model: ServedModel, x: torch.Tensor, repeats: int) -> list[f
 
 
 async def _thread_gone(before: set[int]) -> None:
-    import threading
-
     for _ in range(200):
         if not before & {t.ident for t in threading.enumerate()}:
             return
@@ -61,8 +60,6 @@ async def _thread_gone(before: set[int]) -> None:
 
 
 async def _measure(store: Path, refs: list[str], repeats: int, rounds: int) -> dict[str, Any]:
-    import threading
-
     settings = Settings(
         store=store, default_model=refs[0], models=[], redis_url=None, log_level="warning"
     )

@@ -221,7 +221,7 @@ def place_maps(
     return torch.from_numpy(canvas), window
 
 
-def _top(values: np.ndarray, k: int) -> np.ndarray:
+def top_indices(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values, largest first; ties go to the lower index."""
     return np.argsort(-values, kind="stable")[:k]
 
@@ -297,10 +297,10 @@ class PrototypeExplainer:
         probs = logits.detach().float().softmax(dim=1)
         results: list[ImageExplanation] = []
         for b, size in enumerate(image_sizes):
-            tc = _top(lg[b], T)  # (T,)
+            tc = top_indices(lg[b], T)  # (T,)
             weights = w_last[tc]  # (T, P)
             points = weights * sims[b]  # (T, P)
-            top_p = _top(sims[b], N_top).tolist()
+            top_p = top_indices(sims[b], N_top).tolist()
             # The top classes' own prototypes, in index order. A list comprehension:
             # right after a forward, np.isin took 141 us against 12 us for this (100 protos).
             top = set(tc.tolist())

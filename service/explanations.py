@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import orjson
 import torch
 
-from protopnet.explain import ImageExplanation
+from protopnet.explain import ImageExplanation, top_indices
 from service import render
 from service.batcher import BatcherClosed, BatcherFull
 from service.cache import ExplanationCache
@@ -89,11 +89,12 @@ def image_info(decoded: DecodedImage, sha: str) -> ImageInfo:
 
 
 def class_scores(
-    logits: torch.Tensor, probs: torch.Tensor, indices: list[int], names: list[str]
-) -> list[ClassScore]:
-    lg, pr = logits.tolist(), probs.tolist()
+    logits: list[float], probs: list[float], indices: list[int], names: list[str]
+) -> list[dict[str, Any]]:
+    """``ClassScore``s of the classes ``indices``, as plain dicts (see build_explanation)."""
     return [
-        ClassScore(class_index=k, label=names[k], logit=lg[k], probability=pr[k]) for k in indices
+        {"class_index": k, "label": names[k], "logit": logits[k], "probability": probs[k]}
+        for k in indices
     ]
 
 
@@ -114,10 +115,7 @@ def build_explanation(
     names, classes = served.class_names, served.prototype_classes
     sims = exp.similarities.tolist()
     logits, probs = exp.logits.tolist(), exp.probabilities.tolist()
-    top = [
-        {"class_index": k, "label": names[k], "logit": logits[k], "probability": probs[k]}
-        for k in exp.top_classes
-    ]
+    top = class_scores(logits, probs, exp.top_classes, names)
     sheets = []
     # Sums in float64 (math.fsum) so each sheet's points add up to its logit; a few
     # Python loops over the class's own prototypes are cheaper than array calls here.
@@ -314,16 +312,16 @@ class ExplanationService:
     async def predict(self, served: ServedModel, data: bytes, top_classes: int) -> PredictResponse:
         decoded = await self.decode(served, data)
         fwd = await self.forward(served, decoded.tensor)
-        probs = fwd.logits.softmax(0)
-        k = min(top_classes, fwd.logits.shape[0])
-        top = fwd.logits.topk(k).indices.tolist()
-        scores = class_scores(fwd.logits, probs, top, served.class_names)
+        # The same classes, in the same order (ties to the lower index), as /explain's.
+        top = top_indices(fwd.logits.numpy(), top_classes).tolist()
+        probs = fwd.logits.softmax(0).tolist()
+        scores = class_scores(fwd.logits.tolist(), probs, top, served.class_names)
         sha = await self.run(sha256_hex, data) if len(data) > 1 << 20 else sha256_hex(data)
         return PredictResponse(
             model=model_ref(served),
             image=image_info(decoded, sha),
-            prediction=Prediction(**scores[0].model_dump()),
-            top_classes=scores,
+            prediction=Prediction(**scores[0]),
+            top_classes=[ClassScore(**c) for c in scores],
         )
 
     # -- PNGs -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from model_store import ModelStore
+from protopnet.explain import top_indices
 from protopnet.preprocess import eval_transform, to_model_mode
 from service.schemas import ExplainResponse, KServeExplainResponse
 from tests.protopnet.reference import logits_from_min_distances, patch_distances, percentile_box
@@ -292,6 +293,15 @@ def test_predict_matches_explain(client, store_root, photo_images) -> None:
     for c in p["top_classes"]:
         assert c["logit"] == pytest.approx(ref["logits"][c["class_index"]], abs=1e-3)
     assert p["prediction"]["class_index"] == int(ref["logits"].argmax())
+    e = client.post("/explain", content=data, headers={"Content-Type": "image/png"}).json()
+    assert p["top_classes"] == e["top_classes"][: len(p["top_classes"])]
+
+
+def test_top_classes_break_ties_towards_the_lower_index() -> None:
+    """/predict and /explain both rank with ``top_indices``: same order, even for ties."""
+    values = np.array([0.5, 2.0, 0.5, 2.0, -1.0], dtype=np.float32)
+    assert top_indices(values, 4).tolist() == [1, 3, 0, 2]
+    assert top_indices(values, 9).tolist() == [1, 3, 0, 2, 4]
 
 
 def test_kserve_aliases(client, photo_images) -> None:
