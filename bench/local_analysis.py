@@ -56,7 +56,7 @@ def build(seed: int = 0) -> tuple[torch.nn.Module, PrototypeExplainer, np.ndarra
     cfg = cub_vgg19_config()
     model = create_model(cfg).eval()
     prep = get_backbone_spec("vgg19").preprocessing(224)
-    explainer = PrototypeExplainer(model, prep, max_map_side=None)
+    explainer = PrototypeExplainer(model, prep, max_map_side=None, frozen=True)
     image = photo(0)
     x = eval_transform(prep)(Image.fromarray(image)).unsqueeze(0)  # (1, 3, 224, 224)
     return model, explainer, image, x

@@ -230,11 +230,27 @@ class PrototypeExplainer:
     """Scoring sheets, activation maps and 95th-percentile boxes for a ProtoPNet."""
 
     def __init__(
-        self, model: ProtoPNet, preprocessing: Preprocessing, max_map_side: int | None = 512
+        self,
+        model: ProtoPNet,
+        preprocessing: Preprocessing,
+        max_map_side: int | None = 512,
+        frozen: bool = False,
     ):
+        """``frozen``: the model's weights will not change while this explainer is used
+        (a served model). The last layer and each prototype's class are then read into
+        host memory once, here, instead of at every call: on a GPU that read is a
+        device-to-host copy of the (K, P) weights (1.6 MB at CUB scale) and two
+        synchronisations per image. Without it, every call reads the model as it is.
+        """
         self.model = model
         self.preprocessing = preprocessing
         self.max_map_side = max_map_side
+        self._host = self._read_head() if frozen else None
+
+    def _read_head(self) -> tuple[np.ndarray, list[int]]:
+        """(last-layer weights (K, P) as a host array of its own, class of each prototype)."""
+        weights = np.array(_numpy(self.model.last_layer.weight), dtype=np.float32)
+        return weights, self.model.prototype_classes.tolist()
 
     @torch.inference_mode()
     def attribute(
@@ -278,8 +294,8 @@ class PrototypeExplainer:
         bad = [s for s in image_sizes if len(s) != 2 or min(s) < 1]
         if bad:
             raise ValueError(f"image sizes must be (width, height) >= 1, got {bad[:3]}")
-        w_last = _numpy(self.model.last_layer.weight)  # (K, P)
-        classes = self.model.prototype_classes.tolist()  # (P,) as a list: see "own" below
+        # (K, P) weights; (P,) classes as a list: see "own" below.
+        w_last, classes = self._host or self._read_head()
         T = min(top_classes, logits.shape[1])
         N_top = min(top_prototypes, sim_maps.shape[1])
 

@@ -40,10 +40,14 @@ class ForwardResult:
 
 
 def pick_device(setting: str) -> torch.device:
-    """ "auto": CUDA when present, else CPU; otherwise the named device."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    """ "auto": CUDA when present, else CPU; otherwise the named device. A GPU is named
+    with its index ("cuda" -> "cuda:0"), as /readyz reports it."""
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
+    )
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 # A model whose batcher has been idle this long gives its cores to one that wants them.
@@ -103,7 +107,9 @@ class ServedModel:
         self.prototypes_of_class: list[list[int]] = [[] for _ in self.class_names]
         for j, k in enumerate(self.prototype_classes):
             self.prototypes_of_class[k].append(j)
-        self.explainer = PrototypeExplainer(self.model, self.preprocessing, settings.max_map_side)
+        self.explainer = PrototypeExplainer(
+            self.model, self.preprocessing, settings.max_map_side, frozen=True
+        )
         # Only this model's thread runs torch with several threads (protopnet.threads).
         # Unset on a CPU: it starts with one and warm-up times whether more pay
         # (``choose_torch_threads``); it has them while no other model's team holds the
@@ -295,6 +301,11 @@ class ModelRegistry:
     @property
     def loaded_refs(self) -> list[str]:
         return list(self._models)
+
+    @property
+    def devices(self) -> dict[str, str]:
+        """Where each loaded model runs: "cpu" or "cuda:N"."""
+        return {ref: str(m.device) for ref, m in self._models.items()}
 
     def peek(self, name: str, version: str) -> ServedModel | None:
         """The served model for an exact version if this replica has it loaded."""

@@ -234,6 +234,9 @@ class Readiness(BaseModel):
 
     status: Literal["ready", "degraded", "starting", "failed"]
     models: list[str]
+    devices: dict[str, str] = Field(
+        default_factory=dict, description='where each loaded model runs: "cpu" or "cuda:N"'
+    )
     cache: Literal["ok", "degraded", "local"]
     detail: str | None = None
 

@@ -46,7 +46,13 @@ async def readyz(registry: RegistryDep, cache: CacheDep) -> JSONResponse:
         status = "failed" if registry.error else "starting"
         detail = "; ".join(problems) or "loading and warming up models"
         code = 503
-    body = Readiness(status=status, models=registry.loaded_refs, cache=cache.state, detail=detail)
+    body = Readiness(
+        status=status,
+        models=registry.loaded_refs,
+        devices=registry.devices,
+        cache=cache.state,
+        detail=detail,
+    )
     return JSONResponse(body.model_dump(), status_code=code)
 
 

@@ -292,3 +292,28 @@ def test_place_maps_window_for_each_mode() -> None:
         maps, win = place_maps(low, (50, 30), (50, 30), prep)
         assert maps.shape == (2, 30, 50)
         assert win == window
+
+
+def test_frozen_explainer_reads_the_head_once() -> None:
+    """A frozen explainer (the service's: its model never changes) gives the same
+    explanation as one that reads the model at every call, and keeps the last layer it
+    read; an unfrozen one follows a model that is still being edited."""
+    model = make_texture_model()
+    prep = Preprocessing(img_size=IMG, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x = eval_transform(prep)(red_square_image(48, 48, (8, 8, 30, 30)))[None]
+    live = PrototypeExplainer(model, prep)  # type: ignore[arg-type]
+    frozen = PrototypeExplainer(model, prep, frozen=True)  # type: ignore[arg-type]
+    a, b = live.attribute(x, [(48, 48)])[0], frozen.attribute(x, [(48, 48)])[0]
+    assert a.top_classes == b.top_classes and a.shown == b.shown
+    torch.testing.assert_close(a.points, b.points, rtol=0, atol=0)
+    torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=0)
+
+    with torch.no_grad():
+        model.last_layer.weight.mul_(2)
+    try:
+        a2, b2 = live.attribute(x, [(48, 48)])[0], frozen.attribute(x, [(48, 48)])[0]
+    finally:
+        with torch.no_grad():
+            model.last_layer.weight.div_(2)
+    torch.testing.assert_close(b2.weights, b.weights, rtol=0, atol=0)  # the head it read
+    torch.testing.assert_close(a2.weights, 2 * a.weights)  # the model as it is now

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from model_store import ModelStore
 from tests.service.conftest import start_server
@@ -69,6 +70,9 @@ def test_readiness_keys_cors_and_request_ids(tmp_path: Path) -> None:
             r = c.get("/readyz")
             assert r.status_code == 200 and r.json()["status"] == "ready"
             assert r.json()["models"] == ["photo@1"] and r.json()["cache"] == "local"
+            # Where it runs: PROTOPNET_DEVICE is "auto", so the GPU where there is one.
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+            assert r.json()["devices"] == {"photo@1": device}
 
             spec = c.get("/openapi.json").json()
             assert (
