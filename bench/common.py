@@ -15,7 +15,11 @@ from typing import Any
 
 from protopnet.config import ProtoPNetConfig
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where results go: bench/results, or $PROTOPNET_BENCH_RESULTS (a GPU machine's runs are
+# written to their own folder and kept beside the CPU ones, in bench/results/gpu).
+RESULTS_DIR = Path(
+    os.environ.get("PROTOPNET_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 
 
 def cub_vgg19_config() -> ProtoPNetConfig:
