@@ -3,7 +3,8 @@
     python -m bench.training              # demo, synthetic and VGG-19 (224 px) cases
     python -m bench.training --steps 10   # fewer steps per measurement
 
-For each case two numbers are measured on the same device, batch and input size:
+For each case two numbers are measured on the same device, batch and input size, in
+alternation (one step of each per round):
 ``protopnet``: one joint-stage SGD step (trunk + add-on + prototype distances + the full
 loss: CE, cluster, separation, L1) and ``baseline``: the same trunk with global average
 pooling and a linear head (CE only), so ``protopnet_over_baseline`` is the cost of the
@@ -45,20 +46,24 @@ def _cases() -> dict[str, dict[str, Any]]:
     }
 
 
-def _step_times(
-    step: Any, x: torch.Tensor, y: torch.Tensor, steps: int, device: torch.device
-) -> list[float]:
-    for _ in range(2):
-        step(x, y)
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+def _interleaved_step_times(
+    steps: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rounds: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per step of each named step function, taken in alternation (one of each
+    per round), so a change in the shared machine's speed affects all of them alike."""
+    for step in steps.values():
+        for _ in range(2):
+            step(x, y)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step(x, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
     return times
 
 
@@ -99,8 +104,10 @@ def measure(name: str, case: dict[str, Any], steps: int, device: torch.device) -
 
     x = torch.randn(B, 3, S, S, device=device).contiguous(memory_format=memory_format)
     y = torch.arange(B, device=device) % arch.num_classes
-    proto = _step_times(proto_step, x, y, steps, device)
-    baseline = _step_times(base_step, x, y, steps, device)
+    times = _interleaved_step_times(
+        {"protopnet": proto_step, "baseline": base_step}, x, y, steps, device
+    )
+    proto, baseline = times["protopnet"], times["baseline"]
     out: dict[str, Any] = {
         "case": name,
         "backbone": arch.backbone,
