@@ -20,9 +20,17 @@ def red_square_image(w: int, h: int, box: tuple[int, int, int, int]) -> Image.Im
     return img
 
 
-def texture_model() -> ProtoPNet:
+def texture_model(seed: int = 0) -> ProtoPNet:
     """tiny_cnn ProtoPNet whose prototype 0 is the latent vector of a plain red image, so
-    it lights up exactly on red regions; the other five prototypes are random."""
+    it lights up exactly on red regions; the other five prototypes are random. The same
+    weights whatever ran before: module-scoped fixtures are built before the per-test
+    seed is set, from whatever random state the previous test left."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _texture_model()
+
+
+def _texture_model() -> ProtoPNet:
     model = create_model(
         ProtoPNetConfig(
             backbone="tiny_cnn", num_classes=3, prototypes_per_class=2, prototype_depth=8,
