@@ -57,6 +57,18 @@ class RunError(ProtoPNetError):
     """A run directory that cannot be used as asked (exists, or differs on resume)."""
 
 
+def ddp_cuda_device(local_rank: int, gpus: int) -> torch.device:
+    """The GPU of this DDP process: one per process on each node. More processes than
+    GPUs is a clear error here rather than CUDA's "invalid device ordinal" later."""
+    if local_rank >= gpus:
+        raise RunError(
+            f"DDP on CUDA needs one GPU per process: this is local rank {local_rank} but the "
+            f"node has {gpus} GPU(s); start torchrun with --nproc_per_node={gpus}, or train on "
+            "the CPU (--set train.device=cpu, gloo)"
+        )
+    return torch.device("cuda", local_rank)
+
+
 @dataclass(frozen=True)
 class Unit:
     kind: str  # "warm" | "joint" | "push" | "last_layer"
@@ -191,7 +203,7 @@ class Trainer:
         self.prep = cfg.model.preprocessing()
         self.device = engine.pick_device(t.device)
         if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
+            self.device = ddp_cuda_device(self.dist.local_rank, torch.cuda.device_count())
         self.channels_last = t.channels_last
         self.model = create_model(self.arch, cfg.model.weights).to(self.device)
         if self.channels_last:

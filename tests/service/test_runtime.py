@@ -31,8 +31,9 @@ from tests.service.store_builder import build_photo_model
 
 
 def in_process(store: Path, model: str, **overrides: Any) -> Settings:
-    """Settings for an app run in this process: no Redis, no start-up models."""
-    base: dict[str, Any] = {"models": [], "redis_url": None, "worker_threads": 2}
+    """Settings for an app run in this process: no Redis, no start-up models, and the
+    models on the CPU (these tests are the CPU runtime's rules, also on a GPU machine)."""
+    base: dict[str, Any] = {"models": [], "redis_url": None, "worker_threads": 2, "device": "cpu"}
     return Settings(
         store=store, default_model=model, **{**base, "log_level": "warning", **overrides}
     )

@@ -19,8 +19,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A few seconds of training: 3 classes of the parts dataset, 4 epochs, one push mid-way.
+# A few seconds of training: 3 classes of the parts dataset, 4 epochs, one push mid-way,
+# on the CPU also on a GPU machine (bit-exact resume, DDP with gloo; tests/gpu trains on
+# CUDA).
 TINY = [
+    "train.device=cpu",
     "data.synthetic.num_classes=3",
     "data.synthetic.train_per_class=24",
     "data.synthetic.test_per_class=8",

@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from protopnet.model import create_model
 from tests.training.conftest import REPO, TINY, overrides_args
 from training.checkpoint import load_checkpoint
 from training.config import load_config
 from training.data import build_splits
-from training.run import plan_units
+from training.run import RunError, ddp_cuda_device, plan_units
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +61,9 @@ def test_two_gloo_processes_train_a_model_of_the_same_shape(tmp_path: Path) -> N
     sgd = [h for h in hist if h["stage"] in ("warm", "joint")]
     assert len(sgd) == cfg.train.epochs
     assert all(0 < h["train"]["images"] <= math.ceil(n_train / 2) for h in sgd)
+
+
+def test_more_processes_than_gpus_is_a_clear_error() -> None:
+    assert ddp_cuda_device(1, 2) == torch.device("cuda", 1)
+    with pytest.raises(RunError, match=r"local rank 1 but the node has 1 GPU.*--nproc_per_node=1"):
+        ddp_cuda_device(1, 1)
