@@ -60,9 +60,9 @@ def choose_torch_threads(one_s: float, many_s: float, many: int) -> int:
     Threads spent on a forward are taken from everything else a request needs (decoding,
     maps, JSON, other requests' work), so the model gets them only if they pay: the
     forward must run at least 1 + (many - 1) / 2 times faster with them, i.e. each extra
-    core must give at least half a core's worth. A small model, whose ops are too short
-    to split, keeps one thread; on 2 cores the demo model's forward is no faster with 2
-    (2.2 against 2.3 ms) while VGG-19's is 1.8x faster.
+    core must give at least half a core's worth. A small model keeps one thread: on 2
+    cores the demo model's forward was 1.0-1.4x faster with 2 (2.2 or 1.6 ms against
+    2.3 ms in two starts), while VGG-19's is 1.8x faster.
     """
     return many if one_s >= many_s * (1 + (many - 1) / 2) else 1
 

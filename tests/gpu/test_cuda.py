@@ -9,6 +9,7 @@ These need a CUDA device; elsewhere (CI) they are skipped and say so. On a GPU m
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 from collections.abc import Iterator
@@ -168,8 +169,6 @@ def gpu_and_cpu_servers(
 
 
 def _png(img: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "PNG")
     return buf.getvalue()
