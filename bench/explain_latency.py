@@ -79,7 +79,7 @@ async def _measure(
         decoded = decode_image(
             images(0), served.preprocessing, settings.max_image_pixels, settings.max_map_side
         )
-        x = decoded.tensor[None]  # (1, 3, S, S)
+        x = served.model_input(decoded.tensor[None])  # (1, 3, S, S), the model's layout
 
         def forward() -> float:
             # Timed on the model's own thread, where the service runs it, without the

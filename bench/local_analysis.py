@@ -15,7 +15,7 @@ image with its box and its self-activation overlay, which push already encoded i
 model store, so they are read from files as the service does; plus the image itself and
 the image with every box: 6 x 510 + 2 = 3062 PNGs. The bare forward pass of the same
 model on the same input is timed side by side, so the ratio does not depend on the
-machine's load.
+machine's load. The model runs in channels-last layout, as the service runs it.
 """
 
 from __future__ import annotations
@@ -54,11 +54,13 @@ def photo(i: int) -> np.ndarray:
 def build(seed: int = 0) -> tuple[torch.nn.Module, PrototypeExplainer, np.ndarray, torch.Tensor]:
     torch.manual_seed(seed)
     cfg = cub_vgg19_config()
-    model = create_model(cfg).eval()
+    # In channels-last layout, as the service runs it (PROTOPNET_CHANNELS_LAST).
+    model = create_model(cfg).eval().to(memory_format=torch.channels_last)
     prep = get_backbone_spec("vgg19").preprocessing(224)
     explainer = PrototypeExplainer(model, prep, max_map_side=None, frozen=True)
     image = photo(0)
     x = eval_transform(prep)(Image.fromarray(image)).unsqueeze(0)  # (1, 3, 224, 224)
+    x = x.contiguous(memory_format=torch.channels_last)
     return model, explainer, image, x
 
 

@@ -32,6 +32,7 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
     "explain_latency": ([], ["--quick"]),
     "service_throughput": ([], ["--quick"]),
     "model_threads": ([], ["--quick"]),
+    "memory_format": ([], ["--quick"]),
     "load": ([], ["--quick"]),
     "faults": ([], ["--quick"]),
     "push": ([], ["--cases", "demo", "synthetic"]),

@@ -264,7 +264,8 @@ class PrototypeExplainer:
         if len(image_sizes) != inputs.shape[0]:
             raise ValueError(f"{inputs.shape[0]} images but {len(image_sizes)} sizes")
         out = self.model.forward_full(inputs)
-        sim_maps = self.model.similarity(out.distances).float().cpu()  # (B, P, H', W')
+        # Row-major, whatever the model's layout (channels-last maps have P innermost).
+        sim_maps = self.model.similarity(out.distances).float().cpu().contiguous()
         logits = out.logits.float().cpu()  # (B, K)
         min_d = out.min_distances.float().cpu()  # (B, P)
         return self.explain_maps(sim_maps, logits, min_d, image_sizes, top_classes, top_prototypes)
@@ -302,7 +303,7 @@ class PrototypeExplainer:
         # Everything below is numpy: on the few dozen small arrays of one explanation,
         # torch's per-call overhead was most of the time. The results are the same
         # numbers (tests compare them with brute-force references).
-        sm = _numpy(sim_maps)  # (B, P, H', W')
+        sm = np.ascontiguousarray(_numpy(sim_maps))  # (B, P, H', W'), row-major
         B, P, Hl, Wl = sm.shape
         flat = sm.reshape(B, P, Hl * Wl)
         arg = flat.argmax(axis=2)  # (B, P), the first maximum

@@ -3,7 +3,8 @@
 #
 #   scripts/gpu-suite.sh tests   # tests/gpu (CUDA against the CPU), then the whole suite
 #                                # with the service on the GPU (PROTOPNET_DEVICE=auto)
-#   scripts/gpu-suite.sh bench   # explain_latency, service_throughput, push, training
+#   scripts/gpu-suite.sh bench   # memory_format, explain_latency, service_throughput,
+#                                # push, training
 #
 # Each step fits in the device tool's 10 minutes a command. Logs and the benchmarks'
 # JSON go to $OUT (the device tool's folder that comes back), else ./gpu-out; keep the
@@ -38,7 +39,7 @@ tests)
     ;;
 bench)
     rc=0
-    for b in "explain_latency --repeats-vgg 50" "service_throughput" \
+    for b in "memory_format" "explain_latency --repeats-vgg 50" "service_throughput" \
         "push" "training"; do
         echo "== $b"
         timeout 240 $PY -m bench.$b 2>&1 | tee -a "$OUT/bench.log" || rc=1

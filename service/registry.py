@@ -100,6 +100,10 @@ class ServedModel:
         self.manifest_sha256 = loaded.manifest_sha256
         self.device = pick_device(settings.device)
         self.model = loaded.model.to(self.device).eval()
+        self.memory_format = (
+            torch.channels_last if settings.channels_last else torch.contiguous_format
+        )
+        self.model.to(memory_format=self.memory_format)
         self.preprocessing = loaded.manifest.preprocessing
         self.class_names = list(loaded.manifest.class_names)
         self.prototype_classes: list[int] = self.model.prototype_classes.cpu().tolist()
@@ -141,11 +145,16 @@ class ServedModel:
         metrics.forward.labels(self.ref).observe(dt)
         metrics.queue_depth.labels(self.ref).set(self.batcher.depth)
 
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch (B, 3, S, S) on the model's device, in its layout."""
+        return x.to(self.device, memory_format=self.memory_format, non_blocking=True)
+
     @torch.inference_mode()
     def _run_batch(self, x: torch.Tensor) -> list[ForwardResult]:
         """(B, 3, S, S) -> B results. Runs on the model's own thread only."""
-        out = self.model.forward_full(x.to(self.device, non_blocking=True))
-        sims = self.model.similarity(out.distances).float().cpu()  # (B, P, H', W')
+        out = self.model.forward_full(self.model_input(x))
+        # Row-major again (channels-last maps come out with P as the innermost stride).
+        sims = self.model.similarity(out.distances).float().cpu().contiguous()  # (B,P,H',W')
         logits = out.logits.float().cpu()  # (B, K)
         min_d = out.min_distances.float().cpu()  # (B, P)
         return [ForwardResult(logits[b], min_d[b], sims[b]) for b in range(x.shape[0])]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import json
 import os
 import subprocess
 import sys
@@ -242,3 +243,42 @@ def test_a_model_that_fails_its_warm_up_gives_its_cores_back(
     error, free, held = asyncio.run(main())
     assert error == "out of memory in warm-up"
     assert held == {} and free == max(0, DEFAULT_TORCH_THREADS - 1)
+
+
+def test_the_model_runs_channels_last_and_explains_as_in_its_saved_layout(
+    store_root: Path,
+) -> None:
+    """Channels-last is only a faster path (bench/memory_format.py): the same explanation
+    as the saved NCHW layout, to float32 rounding, for a real photograph."""
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (180, 240, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    photo.save(buf, format="PNG")
+
+    async def explain(channels_last: bool) -> tuple[bool, bool, dict]:
+        app = create_app(in_process(store_root, "photo", channels_last=channels_last))
+        async with app.router.lifespan_context(app):
+            served = await app.state.registry.get("photo")
+            conv = next(m for m in served.model.modules() if isinstance(m, torch.nn.Conv2d))
+            body, _ = await app.state.explanations.explain(served, buf.getvalue(), 3, 10, "")
+            return (
+                conv.weight.is_contiguous(memory_format=torch.channels_last),
+                conv.weight.is_contiguous(),
+                json.loads(body),
+            )
+
+    assert Settings().channels_last  # the default
+    nhwc, nhwc_rowmajor, fast = asyncio.run(explain(True))
+    nchw_cl, nchw, saved = asyncio.run(explain(False))
+    assert nhwc and not nhwc_rowmajor and nchw and not nchw_cl
+    assert [c["class_index"] for c in fast["top_classes"]] == [
+        c["class_index"] for c in saved["top_classes"]
+    ]
+    for a, b in zip(fast["top_classes"], saved["top_classes"], strict=True):
+        assert a["logit"] == pytest.approx(b["logit"], rel=1e-4, abs=1e-4)
+    pa, pb = fast["prototypes"], saved["prototypes"]
+    assert [p["prototype"] for p in pa] == [p["prototype"] for p in pb]
+    for a, b in zip(pa, pb, strict=True):
+        assert a["similarity"] == pytest.approx(b["similarity"], rel=1e-4, abs=1e-4)
+        box_a, box_b = (np.array([p["box"][k] for k in ("x0", "y0", "x1", "y1")]) for p in (a, b))
+        assert np.abs(box_a - box_b).max() <= 1, (a["box"], b["box"])
