@@ -614,7 +614,7 @@ class ModelStore:
 
     @staticmethod
     def _write_images(tmp: Path, visuals: dict[int, PrototypeVisuals]) -> dict[str, str]:
-        """Encode and write every PNG; OpenCV's encoder releases the GIL, so use threads."""
+        """Encode and write every PNG; ``encode_png`` releases the GIL, so use threads."""
         (tmp / "prototypes").mkdir(exist_ok=True)
         jobs = [(j, kind) for j in sorted(visuals) for kind in IMAGE_KINDS]
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data as skimage_data
 
 from protopnet.visualize import (
     BOX_COLOR,
@@ -86,13 +88,36 @@ def test_crop_is_the_box_region() -> None:
     np.testing.assert_array_equal(c, img[3:9, 2:7])
 
 
-@pytest.mark.parametrize("shape", [(7, 9), (7, 9, 3), (7, 9, 4)])
-def test_encode_png_round_trips_through_a_decoder(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    "shape", [(7, 9), (7, 9, 3), (7, 9, 4), (1, 1), (1, 1, 3), (1, 13, 4), (11, 1, 3)]
+)
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_encode_png_round_trips_through_two_decoders(shape: tuple[int, ...], level: int) -> None:
     arr = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
-    data = encode_png(arr)
+    data = encode_png(arr, level)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    Image.open(io.BytesIO(data)).verify()  # every chunk's CRC
     back = np.asarray(Image.open(io.BytesIO(data)))
     np.testing.assert_array_equal(back, arr)  # channel order preserved (not BGR)
+    # OpenCV (libpng) decodes it to the same pixels, in its BGR order.
+    cv = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr.ndim == 3:
+        cv = cv2.cvtColor(cv, cv2.COLOR_BGR2RGB if shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    np.testing.assert_array_equal(cv.reshape(arr.shape), arr)
+
+
+def test_encode_png_takes_views_and_stays_as_small_as_opencvs_fastest() -> None:
+    """A real photograph's heatmap overlay, and a strided view of it (a crop, a flip)."""
+    photo = skimage_data.chelsea()  # (300, 451, 3)
+    ys, xs = np.mgrid[0 : photo.shape[0], 0 : photo.shape[1]]
+    heat = np.exp(-(((xs - 200) / 60.0) ** 2 + ((ys - 120) / 40.0) ** 2))
+    pic = overlay(photo, heat)
+    for view in (pic, pic[10:200:2, ::-1], np.dstack([pic, (255 * heat).astype(np.uint8)])):
+        data = encode_png(view)
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), view)
+    ours = len(encode_png(pic))
+    fastest = cv2.imencode(".png", pic[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].size
+    assert ours <= 1.05 * fastest, (ours, fastest)
 
 
 @pytest.mark.parametrize(
