@@ -173,6 +173,23 @@ class ExplanationCache:
             self.metrics.cache_misses.inc()
         return None
 
+    async def get_many(self, key: str, fields: list[str]) -> dict[str, bytes]:
+        """The fields of an entry that either layer has: local first, then one Redis
+        round trip for the rest (a missing field is left out of the result)."""
+        found = {f: v for f in fields if (v := self.local.get(key, f)) is not None}
+        missing = [f for f in fields if f not in found]
+        if missing and self._redis is not None and self._up:
+            try:
+                values = await self._redis.hmget(KEY_PREFIX + key, missing)
+            except REDIS_DOWN as e:
+                self._mark_down(str(e) or type(e).__name__)
+                values = []
+            fetched = {f: bytes(v) for f, v in zip(missing, values, strict=False) if v is not None}
+            if fetched:
+                self.local.put(key, fetched)
+                found.update(fetched)
+        return found
+
     async def put(self, key: str, fields: dict[str, bytes]) -> None:
         """Store fields of an entry in both layers; Redis failures only degrade."""
         self.local.put(key, fields)

@@ -155,6 +155,13 @@ def heatmap_png(rd: RenderData, image: np.ndarray, prototype: int, style: str) -
     raise ValueError(f"unknown heatmap style {style!r}; valid: {', '.join(STYLES)}")
 
 
+def heatmap_pngs(
+    rd: RenderData, image: np.ndarray, prototypes: list[int], style: str
+) -> list[bytes]:
+    """``heatmap_png`` of several prototypes, in order."""
+    return [heatmap_png(rd, image, j, style) for j in prototypes]
+
+
 def overlay_array(rd: RenderData, image: np.ndarray, prototype: int) -> np.ndarray:
     m, _ = display_map(rd, rd.index(prototype))
     return overlay(image, m)

@@ -45,6 +45,32 @@ def test_two_caches_share_entries_through_redis(redis_server: RedisProcess) -> N
     assert 0 < redis_server.client().ttl("protopnet:exp:e1") <= 30
 
 
+def test_many_fields_come_from_the_local_layer_then_one_redis_read(
+    redis_server: RedisProcess,
+) -> None:
+    async def main() -> tuple[dict, dict, dict, dict]:
+        a, b = _cache(redis_server.url), _cache(redis_server.url)
+        await a.start()
+        await b.start()
+        await a.put("e4", {"png:1": b"one", "png:2": b"two"})
+        await b.put("e4", {"png:3": b"three"})  # b holds png:3 locally and in Redis
+        redis_server.client().hset("protopnet:exp:e4", "png:3", b"changed in Redis")
+        wanted = ["png:1", "png:2", "png:3", "png:9"]
+        first = await b.get_many("e4", wanted)  # png:3 from b's LRU, 1 and 2 from Redis
+        redis_server.client().delete("protopnet:exp:e4")
+        second = await b.get_many("e4", wanted)  # all three now in b's LRU
+        nothing = await b.get_many("never-made", wanted)
+        await a.close()
+        await b.close()
+        offline = _cache(None)
+        await offline.put("e5", {"png:1": b"x"})
+        return first, second, nothing, await offline.get_many("e5", ["png:1", "png:2"])
+
+    first, second, nothing, offline = asyncio.run(main())
+    assert first == {"png:1": b"one", "png:2": b"two", "png:3": b"three"}
+    assert second == first and nothing == {} and offline == {"png:1": b"x"}
+
+
 def test_outage_degrades_to_the_local_cache_and_recovers() -> None:
     r = RedisProcess(free_port())
     r.start()

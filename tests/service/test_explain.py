@@ -258,6 +258,19 @@ def test_heatmaps_inline_and_none(client, photo_images) -> None:
     for p in inline["prototypes"]:
         png = Image.open(io.BytesIO(base64.b64decode(p["heatmap_png"])))
         assert png.format == "PNG" and png.size == (90, 60)
+    # Inline pictures are drawn several to a worker job. Each is the one its prototype's
+    # URL draws alone, for another explanation of the same image (another option, so
+    # nothing comes from the first one's cache).
+    alone = post_image(client, data, top_prototypes=11).json()
+    assert alone["id"] != inline["id"]
+    common = {p["prototype"] for p in alone["prototypes"]} & {
+        p["prototype"] for p in inline["prototypes"]
+    }
+    assert len(common) >= 5, common
+    for p in inline["prototypes"]:
+        if p["prototype"] in common:
+            r = client.get(f"/explanations/{alone['id']}/heatmaps/{p['prototype']}.png")
+            assert r.status_code == 200 and base64.b64decode(p["heatmap_png"]) == r.content
     none = post_image(client, data, heatmaps="none").json()
     assert none["heatmaps"] == "none" and none["id"] == inline["id"]
     assert all(p["heatmap"] is None and p["heatmap_png"] is None for p in none["prototypes"])
