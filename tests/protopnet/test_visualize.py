@@ -37,6 +37,19 @@ def test_jet_ends_are_dark_blue_and_dark_red_in_rgb_order() -> None:
     assert tuple(rgb[0, 0]) == JET_LOW and tuple(rgb[0, 1]) == JET_HIGH
 
 
+def test_jet_and_overlay_give_opencvs_colormap_at_every_level() -> None:
+    """The colours are looked up in a table made once; OpenCV's applyColorMap, which
+    makes it on every call, is the reference, on a map that visits all 256 levels."""
+    rng = np.random.default_rng(5)
+    m = rng.permutation(np.linspace(0.0, 1.0, 24 * 32)).reshape(24, 32)
+    levels = np.round(255 * m).astype(np.uint8)
+    assert len(np.unique(levels)) == 256
+    want = cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(jet(m), want)
+    img = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(overlay(img, m), cv2.addWeighted(img, 0.5, want, 0.3, 0.0))
+
+
 def test_overlay_is_half_image_plus_three_tenths_heatmap() -> None:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
