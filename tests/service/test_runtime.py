@@ -76,6 +76,7 @@ def test_torch_threads_go_to_a_model_only_where_they_pay() -> None:
     # 2 cores: the second must give at least half a core's worth (1.5x faster).
     assert choose_torch_threads(2.3e-3, 2.2e-3, 2) == 1  # the demo model: no faster
     assert choose_torch_threads(2.34e-3, 1.62e-3, 2) == 1  # the demo model, another start
+    assert choose_torch_threads(1.77e-3, 1.31e-3, 2) == 1  # the demo model, channels-last
     assert choose_torch_threads(0.40, 0.22, 2) == 2  # VGG-19: 1.8x faster
     assert choose_torch_threads(0.40, 0.29, 2) == 1  # 1.4x
     assert choose_torch_threads(1.0, 0.3, 4) == 4 and choose_torch_threads(1.0, 0.5, 4) == 1
