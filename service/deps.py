@@ -27,19 +27,21 @@ from service.schemas import HeatmapMode
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+# The getters are coroutines on purpose: FastAPI runs a plain ``def`` dependency on its
+# thread pool, i.e. a thread hand-off there and back for each one on every request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_cache(request: Request) -> ExplanationCache:
+async def get_cache(request: Request) -> ExplanationCache:
     return request.app.state.cache
 
 
-def get_explanations(request: Request) -> ExplanationService:
+async def get_explanations(request: Request) -> ExplanationService:
     return request.app.state.explanations
 
 

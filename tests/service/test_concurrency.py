@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -55,20 +56,29 @@ def test_concurrent_requests_are_batched_and_correct(
         assert (
             metric_value(metrics, "protopnet_requests_total", route="/explain", status="200") == 24
         )
-        # Graceful shutdown: slow requests (big images, inline PNGs) in flight at SIGTERM.
+        # Graceful shutdown: requests in flight at SIGTERM. Each client sends half of its
+        # upload, waits, then the rest, so the server has begun every request when the
+        # signal comes and none can have finished (a fixed sleep before the signal let
+        # fast requests all finish first, or slow ones not yet arrive).
         big = encode(photo_images["person"], "PNG")
+
+        def slow_upload() -> Iterator[bytes]:
+            yield big[: len(big) // 2]
+            time.sleep(1.0)
+            yield big[len(big) // 2 :]
+
         with httpx.Client(base_url=srv.url, timeout=60) as c, cf.ThreadPoolExecutor(4) as pool:
             futures = [
                 pool.submit(
                     c.post,
                     "/explain",
-                    content=big,
+                    content=slow_upload(),
                     headers=h,
                     params={"top_prototypes": k, "heatmaps": "inline"},
                 )
                 for k in range(1, 5)
             ]
-            time.sleep(0.15)
+            time.sleep(0.4)
             srv.proc.send_signal(signal.SIGTERM)
             answers = [f.result() for f in futures]
         assert [r.status_code for r in answers] == [200] * 4
