@@ -62,6 +62,20 @@ def p50(values: Iterable[float]) -> float:
     return float(statistics.median(vals))
 
 
+def seconds_of(fn: Callable[[], Any], device: Any = None) -> float:
+    """Wall-clock seconds of one ``fn()``; on a CUDA device, until its queued work ends."""
+    import torch
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
 def timed(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> list[float]:
     """Wall-clock seconds of ``repeat`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):

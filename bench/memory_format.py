@@ -17,13 +17,11 @@ order of the sums, not the result. Results: bench/results/memory_format.json.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from bench.common import cub_vgg19_config, device_name, p50, write_result
+from bench.common import cub_vgg19_config, device_name, p50, seconds_of, write_result
 from bench.serving import demo_architecture
 from protopnet.config import ProtoPNetConfig
 from protopnet.model import ProtoPNet, create_model
@@ -44,24 +42,10 @@ def _models(arch: ProtoPNetConfig, device: torch.device) -> dict[str, ProtoPNet]
     return out
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    def run(fn: Callable[[], Any]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t
-
-    return run
-
-
 def measure(
     arch: ProtoPNetConfig, batches: list[int], repeats: int, device: torch.device
 ) -> dict[str, Any]:
     models = _models(arch, device)
-    timer = _timer(device)
     S = arch.img_size
     out: dict[str, Any] = {"image_size": S, "prototypes": arch.num_prototypes}
     with torch.inference_mode():
@@ -77,7 +61,7 @@ def measure(
             times: dict[str, list[float]] = {k: [] for k in LAYOUTS}
             for _ in range(repeats + 1):
                 for k in LAYOUTS:
-                    times[k].append(timer(lambda k=k: forward(k)))
+                    times[k].append(seconds_of(lambda k=k: forward(k), device))
             row = {f"{k}_ms_p50": round(p50(v[1:]) * 1000, 3) for k, v in times.items()}
             row["speedup"] = round(
                 p50(times["contiguous"][1:]) / p50(times["channels_last"][1:]), 3

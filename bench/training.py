@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from bench.accuracy import Baseline
-from bench.common import cub_vgg19_config, device_name, p50, write_result
+from bench.common import cub_vgg19_config, device_name, p50, seconds_of, write_result
 from protopnet.model import create_model
 from training import engine
 from training.config import LossCoefficients, load_config
@@ -57,13 +56,7 @@ def _interleaved_step_times(
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            step(x, y)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(seconds_of(lambda step=step: step(x, y), device))
     return times
 
 

@@ -264,8 +264,7 @@ class PrototypeExplainer:
         if len(image_sizes) != inputs.shape[0]:
             raise ValueError(f"{inputs.shape[0]} images but {len(image_sizes)} sizes")
         out = self.model.forward_full(inputs)
-        # Row-major, whatever the model's layout (channels-last maps have P innermost).
-        sim_maps = self.model.similarity(out.distances).float().cpu().contiguous()
+        sim_maps = self.model.similarity(out.distances).float().cpu()  # (B, P, H', W')
         logits = out.logits.float().cpu()  # (B, K)
         min_d = out.min_distances.float().cpu()  # (B, P)
         return self.explain_maps(sim_maps, logits, min_d, image_sizes, top_classes, top_prototypes)
@@ -303,7 +302,8 @@ class PrototypeExplainer:
         # Everything below is numpy: on the few dozen small arrays of one explanation,
         # torch's per-call overhead was most of the time. The results are the same
         # numbers (tests compare them with brute-force references).
-        sm = np.ascontiguousarray(_numpy(sim_maps))  # (B, P, H', W'), row-major
+        # Row-major whatever the model's layout (channels-last maps have P innermost).
+        sm = np.ascontiguousarray(_numpy(sim_maps))  # (B, P, H', W')
         B, P, Hl, Wl = sm.shape
         flat = sm.reshape(B, P, Hl * Wl)
         arg = flat.argmax(axis=2)  # (B, P), the first maximum

@@ -203,6 +203,8 @@ class ExplanationService:
         metrics: Metrics,
     ):
         self.settings, self.cache, self.pool, self.metrics = settings, cache, pool, metrics
+        # Worker jobs that draw one explanation's pictures: one per core the pool can use.
+        self.draw_jobs = min(os.cpu_count() or 1, settings.worker_threads)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU work on the worker pool (never on the event loop, never the model's)."""
@@ -354,7 +356,7 @@ class ExplanationService:
         todo = [j for j, f in zip(prototypes, fields, strict=True) if f not in found]
         if todo:
             rd, image = await self.render_data(eid)
-            n = min(len(todo), os.cpu_count() or 1, self.settings.worker_threads)
+            n = min(len(todo), self.draw_jobs)
             chunks = [todo[i::n] for i in range(n)]
             drawn = await asyncio.gather(
                 *(self.run(render.heatmap_pngs, rd, image, c, style) for c in chunks)

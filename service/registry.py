@@ -153,8 +153,9 @@ class ServedModel:
     def _run_batch(self, x: torch.Tensor) -> list[ForwardResult]:
         """(B, 3, S, S) -> B results. Runs on the model's own thread only."""
         out = self.model.forward_full(self.model_input(x))
-        # Row-major again (channels-last maps come out with P as the innermost stride).
-        sims = self.model.similarity(out.distances).float().cpu().contiguous()  # (B,P,H',W')
+        # In the model's layout; the explainer makes each image's maps row-major, on the
+        # worker that finishes it when the batch holds several (not on this thread).
+        sims = self.model.similarity(out.distances).float().cpu()  # (B, P, H', W')
         logits = out.logits.float().cpu()  # (B, K)
         min_d = out.min_distances.float().cpu()  # (B, P)
         return [ForwardResult(logits[b], min_d[b], sims[b]) for b in range(x.shape[0])]
