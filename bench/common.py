@@ -22,12 +22,12 @@ RESULTS_DIR = Path(
 )
 
 
-def cub_vgg19_config() -> ProtoPNetConfig:
+def cub_vgg19_config(num_classes: int = 200) -> ProtoPNetConfig:
     """CUB scale as the reference implementation measured it (its settings.py): VGG-19
     trunk, 200 classes x 10 prototypes, D = 128, regular add-on layers, 224 px."""
     return ProtoPNetConfig(
         backbone="vgg19",
-        num_classes=200,
+        num_classes=num_classes,
         prototypes_per_class=10,
         prototype_depth=128,
         add_on="regular",

@@ -63,14 +63,20 @@ class NearestPatchSearch:
         features: torch.Tensor,
         labels: torch.Tensor,
         image_indices: torch.Tensor,
+        eligible: torch.Tensor | None = None,
     ) -> None:
-        """distances (B, P, H', W'), features (B, D, H, W), labels (B,), image_indices (B,)."""
+        """distances (B, P, H', W'), features (B, D, H, W), labels (B,), image_indices (B,).
+
+        ``eligible`` (B, P), when given, says which images each prototype may take
+        instead of the class rule (e.g. only the image an earlier search chose).
+        """
         B, P, Hp, Wp = distances.shape
         if self.best is None:
             self.best = self._init(Hp, Wp, distances.device)
         d = distances.float()
-        if self.class_specific:
+        if eligible is None and self.class_specific:
             eligible = labels.view(B, 1) == self.classes.view(1, P)  # (B, P)
+        if eligible is not None:
             d = d.masked_fill(~eligible.view(B, P, 1, 1), float("inf"))
         flat = d.permute(1, 0, 2, 3).reshape(P, -1)  # (P, B * H' * W')
         dist, arg = flat.min(dim=1)  # (P,)

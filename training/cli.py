@@ -210,6 +210,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             "checkpoint": args.out,
             "push_seconds": result.seconds,
             "prototypes_per_second": result.prototypes_per_second,
+            "push_precision": result.precision,
             "val_accuracy": val["accuracy"],
         }
     )

@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from model_store import PrototypeRecord, PrototypeVisuals
@@ -53,6 +53,8 @@ class PushResult:
     images_seen: int = 0
     seconds: float = 0.0
     forward_seconds: float = 0.0
+    precision: str = "fp32"  # the trunk's in the search ("bf16" only where it can pay)
+    rescanned: int = 0  # images run again in float32 after a bfloat16 search
 
     @property
     def prototypes_per_second(self) -> float:
@@ -113,6 +115,60 @@ def _channels_last(model: ProtoPNet, enabled: bool) -> Iterator[None]:
         model.to(memory_format=torch.contiguous_format)
 
 
+class _Scan:
+    """One pass of images through the model into a nearest-patch search; keeps the
+    latent maps of the images that are some prototype's nearest (on the CPU)."""
+
+    def __init__(
+        self,
+        model: ProtoPNet,
+        search: NearestPatchSearch,
+        device: torch.device,
+        channels_last: bool,
+        bf16: bool,
+        chosen: torch.Tensor | None = None,  # (P,) the only image each prototype may take
+    ):
+        self.model, self.search, self.device = model, search, device
+        self.channels_last, self.chosen = channels_last, chosen
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
+        self.seen = 0
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D, H, W) float32, the trunk a few images at a time."""
+        zs = []
+        for piece in trunk_chunks(x):
+            if self.amp is not None:
+                with self.amp:
+                    f = self.model.features(piece)
+                zs.append(self.model.add_on_layers(f.float()))
+            else:
+                zs.append(self.model.conv_features(piece))
+        return torch.cat(zs).float().contiguous()
+
+    def run(self, batches: Iterable, progress: bool) -> dict[int, torch.Tensor]:
+        winners: dict[int, torch.Tensor] = {}  # image index -> latent map (D, H, W), CPU
+        for x, y, idx in tqdm(batches, desc="push", leave=False, disable=not progress):
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y, idx = y.to(self.device), idx.to(self.device)
+            z = self.latents(x)
+            d = self.model.distances(z)  # (B, P, H', W')
+            eligible = None
+            if self.chosen is not None:
+                eligible = idx.view(-1, 1) == self.chosen.to(self.device).view(1, -1)
+            self.search.update(d, z, y, idx, eligible)
+            self.seen += int(x.shape[0])
+            # Keep the latent maps of images that are currently somebody's nearest.
+            wanted = set(self.search.result().image_index.cpu().tolist())
+            for b, i in enumerate(idx.cpu().tolist()):
+                if i in wanted and i not in winners:
+                    winners[i] = z[b].cpu().clone()
+            for i in [i for i in winners if i not in wanted]:
+                del winners[i]
+        return winners
+
+
 def push_prototypes(
     model: ProtoPNet,
     images: ImageSet,
@@ -128,10 +184,14 @@ def push_prototypes(
     """Project every prototype onto its nearest own-class training patch, in place.
 
     ``images`` must be the training images (unaugmented: the eval transform of
-    ``preprocessing`` is applied). ``precision="bf16"`` runs the trunk in bfloat16
-    (about 2.7x faster on CPUs with AVX512-BF16) at the price of prototypes that sit off
-    the float32 latent patches (the steep "log" similarity then drops well below its
-    maximum on the prototype's own patch); the default is exact float32.
+    ``preprocessing`` is applied). The default, ``precision="fp32"``, is exact.
+    ``precision="bf16"`` searches with a bfloat16 trunk (about 1.9x faster on CPUs with
+    AVX512-BF16), then runs the images it chose again in float32 and takes each
+    prototype's patch, distance and vector there: every prototype is exactly a float32
+    patch of its recorded source image, but near-ties between images may be decided
+    differently than in float32. It pays when there are many more training images than
+    prototypes (the second pass runs at most one image per prototype); with fewer than
+    two images per prototype, push runs in float32 instead (``PushResult.precision``).
     Returns the provenance records, self-activation maps and (optionally) pictures.
     """
     if precision not in ("fp32", "bf16"):
@@ -147,46 +207,40 @@ def push_prototypes(
             + ", ".join(f"{k} ({names[k]!r})" for k in missing_classes[:20])
         )
     P, D, h1, w1 = model.prototype_vectors.shape
-    loader = DataLoader(
-        TransformedImages(images, eval_transform(preprocessing)),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    search = NearestPatchSearch(classes.to(device), (D, h1, w1))
-    winners: dict[int, torch.Tensor] = {}  # image index -> latent map (D, H, W), CPU
+    if precision == "bf16" and len(images) < 2 * P:
+        # The float32 pass after it may take up to one image per prototype: with fewer
+        # than two images per prototype, the two passes cost more than float32 alone.
+        precision = "fp32"
+    dataset = TransformedImages(images, eval_transform(preprocessing))
+
+    def loader(ds: Dataset) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+
     was_training = model.training
     model.eval()
-    seen = 0
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else None
     fwd_start = time.perf_counter()
     with _channels_last(model, channels_last), torch.inference_mode():
-        for x, y, idx in tqdm(loader, desc="push", leave=False, disable=not progress):
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y, idx = y.to(device), idx.to(device)
-            zs = []
-            for piece in trunk_chunks(x):
-                if amp is not None:
-                    with amp:
-                        f = model.features(piece)
-                    zs.append(model.add_on_layers(f.float()))
-                else:
-                    zs.append(model.conv_features(piece))
-            z = torch.cat(zs).float().contiguous()  # (B, D, H, W)
-            d = model.distances(z)  # (B, P, H', W')
-            search.update(d, z, y, idx)
-            seen += int(x.shape[0])
-            # Keep the latent maps of images that are currently somebody's nearest.
-            best = search.result().image_index.cpu()
-            wanted = set(best.tolist())
-            for b, i in enumerate(idx.cpu().tolist()):
-                if i in wanted and i not in winners:
-                    winners[i] = z[b].cpu().clone()
-            for i in [i for i in winners if i not in wanted]:
-                del winners[i]
+        search = NearestPatchSearch(classes.to(device), (D, h1, w1))
+        scan = _Scan(model, search, device, channels_last, bf16=precision == "bf16")
+        winners = scan.run(loader(dataset), progress)
+        seen, rescanned = scan.seen, 0
+        if precision == "bf16":
+            # The bfloat16 trunk chose each prototype's source image. Its patch there,
+            # its distance and the vector it becomes are taken again in float32 from
+            # that image alone, so the prototype IS a float32 training patch (the
+            # service computes in float32) and peaks on it.
+            chosen = search.result().image_index
+            exact = NearestPatchSearch(classes.to(device), (D, h1, w1))
+            rescan = _Scan(model, exact, device, channels_last, bf16=False, chosen=chosen)
+            rescanned = len(winners)
+            winners = rescan.run(loader(Subset(dataset, sorted(winners))), progress)
+            search = exact
     forward_seconds = time.perf_counter() - fwd_start
     model.train(was_training)
     res = search.result()
@@ -223,6 +277,8 @@ def push_prototypes(
         images_seen=seen,
         seconds=time.perf_counter() - start,
         forward_seconds=forward_seconds,
+        precision=precision,
+        rescanned=rescanned,
     )
 
 

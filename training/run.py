@@ -401,6 +401,8 @@ class Trainer:
                 "mean_distance": float(dist.mean()),
                 "max_distance": float(dist.max()),
                 "source_images": len(set(result.image_indices)),
+                "precision": result.precision,
+                "rescanned_images": result.rescanned,
             },
             "val": self._validate(),
         }

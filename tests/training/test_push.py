@@ -144,15 +144,69 @@ def test_a_class_without_images_is_an_error_naming_it() -> None:
     assert torch.equal(model.prototype_vectors.detach(), before)  # nothing half-projected
 
 
-def test_bf16_push_picks_nearly_the_same_patches() -> None:
-    model, images = model_and_images(proto_size=(1, 1))
+def test_bf16_push_searches_in_bf16_and_projects_exact_float32_patches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bfloat16 trunk picks each prototype's source image; the patch, its distance
+    and the vector are float32 ones from that image (a brute-force search over it)."""
+    model, images = model_and_images(proto_size=(2, 2))
+    expected, z = brute_force_nearest(model, images)  # float32, before the push moves them
+    protos = model.prototype_vectors.detach().clone()
     exact = push_prototypes(model, images, PREP, visualize=False)
-    model2, _ = model_and_images(proto_size=(1, 1))
-    fast = push_prototypes(model2, images, PREP, visualize=False, precision="bf16")
-    same = sum(
-        a.source_image_id == b.source_image_id and a.patch_hw == b.patch_hw
-        for a, b in zip(exact.records, fast.records, strict=True)
+    model2, _ = model_and_images(proto_size=(2, 2))
+    scanned: list[int] = []  # images per trunk pass: all of them, then the chosen ones
+    real_run = training.push._Scan.run
+    monkeypatch.setattr(
+        training.push._Scan,
+        "run",
+        lambda self, batches, progress: (
+            scanned.append(len(batches.dataset)) or real_run(self, batches, progress)
+        ),
     )
-    assert same >= len(exact.records) // 2
+    fast = push_prototypes(model2, images, PREP, batch_size=5, visualize=False, precision="bf16")
+    chosen = {r.source_image_id for r in fast.records}
+    assert fast.precision == "bf16" and fast.rescanned == len(chosen)
+    assert scanned == [len(images), len(chosen)]
+    same = 0
+    for j, r in enumerate(fast.records):
+        i = int(r.source_image_id.split("/")[-1])  # type: ignore[union-attr]
+        assert images.labels[i] == r.class_index
+        # The nearest float32 patch within the chosen image, by loops.
+        cells = [
+            (float(((z[i][:, h : h + 2, w : w + 2] - protos[j]) ** 2).sum()), h, w)
+            for h in range(z[i].shape[1] - 1)
+            for w in range(z[i].shape[2] - 1)
+        ]
+        d, h, w = min(cells)
+        assert r.patch_hw == (h, w)
+        assert r.distance == pytest.approx(d, rel=1e-4, abs=1e-5)
+        torch.testing.assert_close(
+            model2.prototype_vectors[j].detach(), z[i][:, h : h + 2, w : w + 2], atol=1e-5, rtol=0
+        )
+        m = fast.activation_maps[j]
+        assert divmod(int(m.argmax()), m.shape[1]) == (h, w) and float(m.max()) > 8.5
+        # Never worse than float32's choice by more than bfloat16's rounding.
+        assert r.distance <= expected[j][0] * 1.05 + 1e-3
+        same += r.source_image_id == exact.records[j].source_image_id and r.patch_hw == (
+            exact.records[j].patch_hw
+        )
+    assert same >= len(fast.records) // 2
+
+
+def test_bf16_push_runs_float32_when_it_cannot_pay() -> None:
+    """6 prototypes, 11 images: the float32 pass after a bfloat16 search could take 6 of
+    them, more than bfloat16 saves. Push runs once, in float32, and says so."""
+    model, images = model_and_images()
+    fewer = images.subset(list(range(11)))
+    expected, _ = brute_force_nearest(model, fewer)
+    result = push_prototypes(model, fewer, PREP, visualize=False, precision="bf16")
+    assert result.precision == "fp32" and result.rescanned == 0
+    assert [r.distance for r in result.records] == pytest.approx(
+        [e[0] for e in expected], rel=1e-4, abs=1e-5
+    )
+
+
+def test_an_unknown_push_precision_is_an_error_naming_the_valid_ones() -> None:
+    model, images = model_and_images()
     with pytest.raises(ValueError, match="unknown push precision 'fp8'; valid: bf16, fp32"):
         push_prototypes(model, images, PREP, precision="fp8")
