@@ -147,7 +147,10 @@ class _Scan:
 
     def run(self, batches: Iterable, progress: bool) -> dict[int, torch.Tensor]:
         winners: dict[int, torch.Tensor] = {}  # image index -> latent map (D, H, W), CPU
-        for x, y, idx in tqdm(batches, desc="push", leave=False, disable=not progress):
+        desc = "push (bf16 search)" if self.amp else "push"
+        if self.chosen is not None:
+            desc = "push (float32 on the chosen images)"
+        for x, y, idx in tqdm(batches, desc=desc, leave=False, disable=not progress):
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -185,8 +188,8 @@ def push_prototypes(
 
     ``images`` must be the training images (unaugmented: the eval transform of
     ``preprocessing`` is applied). The default, ``precision="fp32"``, is exact.
-    ``precision="bf16"`` searches with a bfloat16 trunk (about 1.9x faster on CPUs with
-    AVX512-BF16), then runs the images it chose again in float32 and takes each
+    ``precision="bf16"`` searches with a bfloat16 trunk (the trunk about 1.9x faster on
+    CPUs with AVX512-BF16; push as a whole 1.2-1.5x, bench.push), then runs the images it chose again in float32 and takes each
     prototype's patch, distance and vector there: every prototype is exactly a float32
     patch of its recorded source image, but near-ties between images may be decided
     differently than in float32. It pays when there are many more training images than
