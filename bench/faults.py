@@ -245,7 +245,7 @@ TINY_TRAINING = [
     "train.warm_epochs=1",
     "train.push_start=2",
     "train.last_layer_epochs=3",
-    "data.synthetic.train_per_class=100",
+    "data.synthetic.train_per_class=200",
 ]
 
 
@@ -288,6 +288,10 @@ def training_kill_resume(tmp: Path) -> dict[str, Any]:
     after its first unit is saved, then ``--resume --export``: it finishes and publishes."""
     run_dir, store_root = tmp / "run", tmp / "store-training"
     env = {**os.environ, "PROTOPNET_STORE": str(store_root), "PYTHONUNBUFFERED": "1"}
+    # tqdm prints every step (its defaults print every 0.1 s: the tiny trunk's 21-step
+    # epoch took 0.35 s, so the window to kill in held two lines and a slow poll could
+    # miss both; with 200 images per class an epoch is 42 steps).
+    env.update(TQDM_MININTERVAL="0", TQDM_MINITERS="1")
     sets = [a for s in TINY_TRAINING for a in ("--set", s)]
     cmd = [sys.executable, "-m", "training", "train", "--config", "synthetic"]
     cmd += ["--run-dir", str(run_dir), "--export", *sets]
