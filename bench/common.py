@@ -76,18 +76,6 @@ def seconds_of(fn: Callable[[], Any], device: Any = None) -> float:
     return time.perf_counter() - t
 
 
-def timed(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of ``repeat`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far, in MiB (Linux ru_maxrss is KiB)."""
     import resource

@@ -108,7 +108,8 @@ def run_case(case: str, threads: int) -> dict[str, Any]:
         "prototypes": P,
         "images": result.images_seen,
         "trunk_precision": result.precision,
-        "rescanned_images": result.rescanned,
+        # Images a bfloat16 search ran again in float32: one per distinct source image.
+        "rescanned_images": len(set(result.image_indices)) if result.precision == "bf16" else 0,
         "seconds": round(seconds, 2),
         "forward_seconds": round(result.forward_seconds, 2),
         "visuals_seconds": round(seconds - result.forward_seconds, 2),

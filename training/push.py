@@ -54,7 +54,6 @@ class PushResult:
     seconds: float = 0.0
     forward_seconds: float = 0.0
     precision: str = "fp32"  # the trunk's in the search ("bf16" only where it can pay)
-    rescanned: int = 0  # images run again in float32 after a bfloat16 search
 
     @property
     def prototypes_per_second(self) -> float:
@@ -129,9 +128,9 @@ class _Scan:
         chosen: torch.Tensor | None = None,  # (P,) the only image each prototype may take
     ):
         self.model, self.search, self.device = model, search, device
-        self.channels_last, self.chosen = channels_last, chosen
+        self.channels_last = channels_last
+        self.chosen = None if chosen is None else chosen.to(device).view(1, -1)
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
-        self.seen = 0
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, D, H, W) float32, the trunk a few images at a time."""
@@ -157,11 +156,8 @@ class _Scan:
             y, idx = y.to(self.device), idx.to(self.device)
             z = self.latents(x)
             d = self.model.distances(z)  # (B, P, H', W')
-            eligible = None
-            if self.chosen is not None:
-                eligible = idx.view(-1, 1) == self.chosen.to(self.device).view(1, -1)
+            eligible = None if self.chosen is None else idx.view(-1, 1) == self.chosen
             self.search.update(d, z, y, idx, eligible)
-            self.seen += int(x.shape[0])
             # Keep the latent maps of images that are currently somebody's nearest.
             wanted = set(self.search.result().image_index.cpu().tolist())
             for b, i in enumerate(idx.cpu().tolist()):
@@ -232,7 +228,6 @@ def push_prototypes(
         search = NearestPatchSearch(classes.to(device), (D, h1, w1))
         scan = _Scan(model, search, device, channels_last, bf16=precision == "bf16")
         winners = scan.run(loader(dataset), progress)
-        seen, rescanned = scan.seen, 0
         if precision == "bf16":
             # The bfloat16 trunk chose each prototype's source image. Its patch there,
             # its distance and the vector it becomes are taken again in float32 from
@@ -241,7 +236,6 @@ def push_prototypes(
             chosen = search.result().image_index
             exact = NearestPatchSearch(classes.to(device), (D, h1, w1))
             rescan = _Scan(model, exact, device, channels_last, bf16=False, chosen=chosen)
-            rescanned = len(winners)
             winners = rescan.run(loader(Subset(dataset, sorted(winners))), progress)
             search = exact
     forward_seconds = time.perf_counter() - fwd_start
@@ -277,11 +271,10 @@ def push_prototypes(
         activation_maps=sim_maps,
         visuals=visuals,
         image_indices=src,
-        images_seen=seen,
+        images_seen=len(images),
         seconds=time.perf_counter() - start,
         forward_seconds=forward_seconds,
         precision=precision,
-        rescanned=rescanned,
     )
 
 

@@ -401,8 +401,7 @@ class Trainer:
                 "mean_distance": float(dist.mean()),
                 "max_distance": float(dist.max()),
                 "source_images": len(set(result.image_indices)),
-                "precision": result.precision,
-                "rescanned_images": result.rescanned,
+                "precision": result.precision,  # "bf16": source_images ran again in float32
             },
             "val": self._validate(),
         }

@@ -3,6 +3,8 @@ its provenance record, self-activation map and 95th-percentile box."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 import pytest
@@ -156,16 +158,15 @@ def test_bf16_push_searches_in_bf16_and_projects_exact_float32_patches(
     model2, _ = model_and_images(proto_size=(2, 2))
     scanned: list[int] = []  # images per trunk pass: all of them, then the chosen ones
     real_run = training.push._Scan.run
-    monkeypatch.setattr(
-        training.push._Scan,
-        "run",
-        lambda self, batches, progress: (
-            scanned.append(len(batches.dataset)) or real_run(self, batches, progress)
-        ),
-    )
+
+    def counting_run(self: training.push._Scan, batches: Any, progress: bool) -> Any:
+        scanned.append(len(batches.dataset))
+        return real_run(self, batches, progress)
+
+    monkeypatch.setattr(training.push._Scan, "run", counting_run)
     fast = push_prototypes(model2, images, PREP, batch_size=5, visualize=False, precision="bf16")
     chosen = {r.source_image_id for r in fast.records}
-    assert fast.precision == "bf16" and fast.rescanned == len(chosen)
+    assert fast.precision == "bf16" and fast.images_seen == len(images)
     assert scanned == [len(images), len(chosen)]
     same = 0
     for j, r in enumerate(fast.records):
@@ -200,7 +201,7 @@ def test_bf16_push_runs_float32_when_it_cannot_pay() -> None:
     fewer = images.subset(list(range(11)))
     expected, _ = brute_force_nearest(model, fewer)
     result = push_prototypes(model, fewer, PREP, visualize=False, precision="bf16")
-    assert result.precision == "fp32" and result.rescanned == 0
+    assert result.precision == "fp32"
     assert [r.distance for r in result.records] == pytest.approx(
         [e[0] for e in expected], rel=1e-4, abs=1e-5
     )
