@@ -3,28 +3,11 @@ fetched, no console errors, and it prints."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from tests.service.corpus import encode
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-
-
-@pytest.fixture(scope="module")
-def browser():  # type: ignore[no-untyped-def]
-    if not shutil.which(CHROMIUM):
-        pytest.skip("Chromium not installed (scripts/system-deps.sh installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def test_report_renders_rows_and_images(client, server, browser, photo_images) -> None:
