@@ -71,24 +71,60 @@ def percentile_mask(act_map: np.ndarray, q: float = 95.0) -> np.ndarray:
     return np.where(act_map >= thr, 255, 0).astype(np.uint8)
 
 
+_LABEL_FONT, _LABEL_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.4
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _label_spot(
+    box: tuple[int, int, int, int],
+    size: tuple[int, int],
+    image_hw: tuple[int, ...],
+    taken: list[tuple[int, int, int, int]],
+) -> tuple[int, int, int, int]:
+    """Where a label of ``size`` (w, h) goes for ``box``: inside its top-left corner if
+    that is free, else the first free place down the box's left edge, then down its right
+    edge; boxes often share corners (two prototypes firing on the same part), and labels
+    drawn on top of each other cannot be read. If none is free, the top-left corner."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    height = image_hw[0]
+    xs = [x0 + 2, max(x0 + 2, x1 - w - 2)]
+    ys = list(range(y0 + 2, max(y0 + 3, y1 - h), h)) or [y0 + 2]
+    for x in xs:
+        for y in ys:
+            spot = (x, y, x + w, y + h)
+            if spot[3] <= height and not any(_overlaps(spot, t) for t in taken):
+                return spot
+    return (xs[0], ys[0], xs[0] + w, ys[0] + h)
+
+
 def draw_boxes(
     image: np.ndarray,
     boxes: list[tuple[int, int, int, int]],
     labels: list[str] | None = None,
     color: tuple[int, int, int] = BOX_COLOR,
 ) -> np.ndarray:
-    """Copy of ``image`` with (x0, y0, x1, y1) end-exclusive boxes drawn."""
+    """Copy of ``image`` with (x0, y0, x1, y1) end-exclusive boxes drawn, and ``labels``
+    placed so that no two overlap where the boxes leave room."""
     out = np.ascontiguousarray(image.copy())
     thick = max(1, round(max(image.shape[:2]) / 200))
+    taken: list[tuple[int, int, int, int]] = []
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         cv2.rectangle(out, (int(x0), int(y0)), (int(x1) - 1, int(y1) - 1), color, thick)
         if labels:
+            (tw, th), base = cv2.getTextSize(labels[i], _LABEL_FONT, _LABEL_SCALE, 1)
+            box = (int(x0), int(y0), int(x1), int(y1))
+            spot = _label_spot(box, (tw, th + base + 1), out.shape[:2], taken)
+            taken.append(spot)
             cv2.putText(
                 out,
                 labels[i],
-                (int(x0) + 2, int(y0) + 12),
-                cv2.FONT_HERSHEY_SIMPLEX,
-                0.4,
+                (spot[0], spot[1] + th),  # putText takes the baseline's left end
+                _LABEL_FONT,
+                _LABEL_SCALE,
                 color,
                 1,
                 cv2.LINE_AA,

@@ -94,6 +94,38 @@ def test_draw_boxes_marks_end_exclusive_edges_and_leaves_the_input() -> None:
     assert int(np.any(labelled != 0, axis=2).sum()) > int(yellow.sum())  # text drawn too
 
 
+def _text_row_runs(out: np.ndarray, box: tuple[int, int, int, int]) -> list[range]:
+    """Runs of rows inside ``box`` (its lines excluded) that hold any drawn pixel."""
+    x0, y0, x1, y1 = box
+    inner = np.any(out[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] != 0, axis=(1, 2))
+    runs, start = [], None
+    for r, on in enumerate([*inner, False]):
+        if on and start is None:
+            start = r
+        elif not on and start is not None:
+            runs.append(range(y0 + 1 + start, y0 + 1 + r))
+            start = None
+    return runs
+
+
+def test_labels_of_boxes_sharing_a_corner_do_not_overlap() -> None:
+    # Two prototypes often fire on the same part: same box, or the same top-left corner.
+    img = np.zeros((80, 100, 3), dtype=np.uint8)
+    box = (10, 10, 70, 60)
+    one = draw_boxes(img, [box], labels=["p98"])
+    assert len(_text_row_runs(one, box)) == 1
+    two = draw_boxes(img, [box, box, (10, 10, 70, 75)], labels=["p98", "p93", "p7"])
+    runs = _text_row_runs(two, box)
+    assert len(runs) == 3, runs  # three labels, one under another, each readable
+    # The first label is where it always was; the others moved down, clear of it.
+    np.testing.assert_array_equal(
+        two[runs[0].start : runs[0].stop, 11:69], one[runs[0].start : runs[0].stop, 11:69]
+    )
+    # A box too small for a second label inside keeps the label at its corner.
+    tiny = draw_boxes(img, [(5, 5, 15, 15), (5, 5, 15, 15)], labels=["p1", "p2"])
+    assert np.any(tiny[5:15, 5:15] != 0)
+
+
 def test_crop_is_the_box_region() -> None:
     img = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
     c = crop(img, (2, 3, 7, 9))
