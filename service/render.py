@@ -162,9 +162,11 @@ def heatmap_pngs(
     return [heatmap_png(rd, image, j, style) for j in prototypes]
 
 
-def overlay_array(rd: RenderData, image: np.ndarray, prototype: int) -> np.ndarray:
-    m, _ = display_map(rd, rd.index(prototype))
-    return overlay(image, m)
+def activation_image(rd: RenderData, image: np.ndarray, prototype: int) -> np.ndarray:
+    """The paper's activation map: the JET overlay of one prototype's map, its box drawn."""
+    i = rd.index(prototype)
+    m, _ = display_map(rd, i)
+    return draw_boxes(overlay(image, m), [rd.display_box(i)])
 
 
 def boxes_image(

@@ -50,12 +50,18 @@ def png_thumbnail(png: bytes) -> np.ndarray | None:
 
 @dataclass
 class ReportRow:
+    """One row of the paper's figure 3: this part of the image (crop), where on the
+    image (activation), looks like that (prototype patch), from this training image
+    (source, its box drawn); similarity x weight = points."""
+
     prototype: int
     similarity: float
     weight: float
     points: float
     crop_uri: str | None
+    activation_uri: str | None
     patch_uri: str | None
+    source_uri: str | None
 
 
 @dataclass
@@ -76,24 +82,32 @@ def render_report(
     resp: ExplainResponse,
     rd: render.RenderData,
     image: np.ndarray,
-    patches: dict[int, bytes | None],
+    pictures: dict[tuple[int, str], bytes | None],
     rows_per_class: int,
 ) -> str:
-    """HTML for the predicted class and the runner-up. ``patches``: prototype -> PNG."""
+    """HTML for the predicted class and the runner-up. ``pictures``: the store's PNGs by
+    (prototype, kind), kind "patch" or "source" (absent or None: not available)."""
     probs = {c.class_index: c.probability for c in resp.top_classes}
+
+    def store_uri(prototype: int, kind: str) -> str | None:
+        png = pictures.get((prototype, kind))
+        arr = png_thumbnail(png) if png else None
+        return data_uri(arr) if arr is not None else None
+
     sheets = []
     for title, sheet in zip(
         ("Predicted class", "Runner-up"), resp.scoring_sheets[:2], strict=False
     ):
         rows = []
         for r in sheet.rows[:rows_per_class]:
-            crop_uri = None
+            crop_uri = activation_uri = None
             if r.prototype in rd.shown:
                 box = render.box_crop(rd, image, r.prototype)
                 if box.size:
                     crop_uri = data_uri(thumbnail(box))
-            png = patches.get(r.prototype)
-            patch = png_thumbnail(png) if png else None
+                activation_uri = data_uri(
+                    thumbnail(render.activation_image(rd, image, r.prototype))
+                )
             rows.append(
                 ReportRow(
                     prototype=r.prototype,
@@ -101,7 +115,9 @@ def render_report(
                     weight=r.weight,
                     points=r.points,
                     crop_uri=crop_uri,
-                    patch_uri=data_uri(patch) if patch is not None else None,
+                    activation_uri=activation_uri,
+                    patch_uri=store_uri(r.prototype, "patch"),
+                    source_uri=store_uri(r.prototype, "source"),
                 )
             )
         shown_total = sum(r.points for r in sheet.rows[:rows_per_class])
@@ -134,7 +150,7 @@ def render_report(
 
 
 def report_prototypes(resp: ExplainResponse, rows_per_class: int) -> list[int]:
-    """The prototypes whose patches the report shows."""
+    """The prototypes whose store pictures the report shows."""
     return list(
         dict.fromkeys(r.prototype for s in resp.scoring_sheets[:2] for r in s.rows[:rows_per_class])
     )

@@ -75,21 +75,23 @@ async def get_report(
     eid: IdPath, svc: ExplanationsDep, registry: RegistryDep, settings: SettingsDep
 ) -> HTMLResponse:
     """A self-contained, printable HTML page: the image, then for the predicted class and
-    the runner-up, rows of image part | prototype | similarity | weight | points."""
+    the runner-up, the paper's rows: image part | where on the image | prototype | its
+    training image | similarity | weight | points."""
     data = await svc.stored_json(_check_id(eid))
     resp = ExplainResponse.model_validate_json(data)
     rd, image = await svc.render_data(eid)
     wanted = report_prototypes(resp, settings.report_rows)
-    patches: dict[int, bytes | None] = {}
+    pictures: dict[tuple[int, str], bytes | None] = {}
     try:
         served = await registry.get(f"{resp.model.name}@{resp.model.version}")
-    except ProtoPNetError:  # the version left the store: the report renders without patches
+    except ProtoPNetError:  # the version left the store: the report renders without them
         served = None
     if served is not None:
         loaded = served.loaded
+        keys = [(j, kind) for j in wanted for kind in ("patch", "source")]
         found = await asyncio.gather(
-            *(asyncio.to_thread(loaded.prototype_image_bytes, j, "patch") for j in wanted)
+            *(asyncio.to_thread(loaded.prototype_image_bytes, j, kind) for j, kind in keys)
         )
-        patches = dict(zip(wanted, found, strict=True))
-    html = await svc.run(render_report, resp, rd, image, patches, settings.report_rows)
+        pictures = dict(zip(keys, found, strict=True))
+    html = await svc.run(render_report, resp, rd, image, pictures, settings.report_rows)
     return HTMLResponse(html)

@@ -1,11 +1,31 @@
-"""The report page in headless Chromium: rows and images render, nothing external is
-fetched, no console errors, and it prints."""
+"""The report page in headless Chromium: the paper's rows (this part of the image, where
+it is, the prototype, the training image it comes from, similarity x weight = points)
+render, nothing external is fetched, no console errors, and it prints."""
 
 from __future__ import annotations
 
+import base64
+
+import cv2
+import numpy as np
 import pytest
 
 from tests.service.corpus import encode
+
+
+def _decoded(uri: str) -> np.ndarray:
+    """An inline JPEG data: URI as an RGB array."""
+    jpeg = base64.b64decode(uri.split(",", 1)[1])
+    return cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
+
+
+def _png(content: bytes) -> np.ndarray:
+    return cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
+
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +50,38 @@ def test_report_renders_rows_and_images(client, server, browser, photo_images) -
         assert sheet["label"] in sec.locator("h2").inner_text()
         rows = sec.locator("tr.row")
         assert rows.count() == len(sheet["rows"])  # 3 per class, under the 10-row cap
+        activations = []
         for r, row in enumerate(sheet["rows"]):
             cells = rows.nth(r).locator("td")
-            assert f"prototype {row['prototype']}" in cells.nth(1).inner_text()
-            assert cells.nth(4).inner_text() == f"{row['points']:+.3f}"
+            assert cells.count() == 7
+            assert f"prototype {row['prototype']}" in cells.nth(2).inner_text()
+            assert cells.nth(6).inner_text() == f"{row['points']:+.3f}"
+            # "Where it is": the API's overlay heatmap of that prototype (box drawn on it).
+            act = _decoded(cells.nth(1).locator("img").get_attribute("src"))
+            url = f"/explanations/{body['id']}/heatmaps/{row['prototype']}.png?style=overlay"
+            overlay = _png(client.get(url).content)
+            overlay = cv2.resize(
+                overlay, (act.shape[1], act.shape[0]), interpolation=cv2.INTER_AREA
+            )
+            assert np.abs(act.astype(int) - overlay.astype(int)).mean() < 8
+            activations.append(act)
+            # "From this training image": the store's source picture of that prototype.
+            src = _decoded(cells.nth(3).locator("img").get_attribute("src"))
+            ref = f"{body['model']['name']}@{body['model']['version']}"
+            store = _png(
+                client.get(f"/models/{ref}/prototypes/{row['prototype']}.png?kind=source").content
+            )
+            store = cv2.resize(store, (src.shape[1], src.shape[0]), interpolation=cv2.INTER_AREA)
+            assert np.abs(src.astype(int) - store.astype(int)).mean() < 6
+        # Each row's map is its own prototype's.
+        assert all(
+            np.abs(a.astype(int) - activations[0].astype(int)).mean() > 1 for a in activations[1:]
+        )
         total = sec.locator("tr.total td").nth(1).inner_text()
         assert total == f"{sheet['total']:+.3f}" == f"{sheet['logit']:+.3f}"
     # Every image is inline and decoded by the browser.
     images = page.locator("img")
-    assert images.count() == 1 + 2 * (len(pred["rows"]) + len(runner["rows"]))
+    assert images.count() == 1 + 4 * (len(pred["rows"]) + len(runner["rows"]))
     for k in range(images.count()):
         img = images.nth(k)
         assert img.get_attribute("src").startswith("data:image/jpeg;base64,")
