@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import HTMLResponse
 
+from model_store.store import ImageKind
 from protopnet.errors import ProtoPNetError
 from service.deps import ApiKey, ExplanationsDep, RegistryDep, SettingsDep
 from service.errors import NotFoundError
@@ -88,7 +89,8 @@ async def get_report(
         served = None
     if served is not None:
         loaded = served.loaded
-        keys = [(j, kind) for j in wanted for kind in ("patch", "source")]
+        kinds: tuple[ImageKind, ...] = ("patch", "source")
+        keys = [(j, kind) for j in wanted for kind in kinds]
         found = await asyncio.gather(
             *(asyncio.to_thread(loaded.prototype_image_bytes, j, kind) for j, kind in keys)
         )
