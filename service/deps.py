@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -49,6 +49,19 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 CacheDep = Annotated[ExplanationCache, Depends(get_cache)]
 ExplanationsDep = Annotated[ExplanationService, Depends(get_explanations)]
+
+# Path parameters shared by several routes, described once for the API docs.
+ModelPath = Annotated[
+    str,
+    Path(
+        description="a model: name (its production alias, else its latest version), "
+        "name@version or name@alias"
+    ),
+]
+PrototypePath = Annotated[
+    int,
+    Path(description="a prototype's index in the model, as the JSON's prototype fields give it"),
+]
 
 
 def root_of(request: Request) -> str:

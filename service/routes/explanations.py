@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 
 from model_store.store import ImageKind
 from protopnet.errors import ProtoPNetError
-from service.deps import ApiKey, ExplanationsDep, RegistryDep, SettingsDep
+from service.deps import ApiKey, ExplanationsDep, PrototypePath, RegistryDep, SettingsDep
 from service.errors import NotFoundError
 from service.explanations import ID_LENGTH, is_explanation_id
 from service.report import render_report, report_prototypes
@@ -41,7 +41,9 @@ def _png(data: bytes, settings_ttl: int) -> Response:
 async def get_explanation(
     eid: IdPath,
     svc: ExplanationsDep,
-    heatmaps: Annotated[HeatmapMode, Query()] = "url",
+    heatmaps: Annotated[
+        HeatmapMode, Query(description="url (default): links; inline: base64 PNGs; none")
+    ] = "url",
 ) -> Response:
     """The JSON that POST /explain returned, from any replica (shared cache)."""
     data = await svc.stored_json(_check_id(eid))
@@ -52,7 +54,7 @@ async def get_explanation(
 @router.get("/{eid}/heatmaps/{prototype}.png", response_class=Response, responses=PNG)
 async def get_heatmap(
     eid: IdPath,
-    prototype: int,
+    prototype: PrototypePath,
     svc: ExplanationsDep,
     settings: SettingsDep,
     style: Annotated[HeatmapStyle, Query(description="overlay, heatmap or mask")] = "overlay",

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from service.deps import (
     ApiKey,
     ExplanationsDep,
+    ModelPath,
     RegistryDep,
     SettingsDep,
     read_body,
@@ -124,7 +125,7 @@ async def _gather(coros: list) -> list:
 
 @router.post("/{name}:predict", response_model=KServePredictResponse, openapi_extra=_BODY)
 async def kserve_predict(
-    name: str,
+    name: ModelPath,
     request: Request,
     settings: SettingsDep,
     registry: RegistryDep,
@@ -142,7 +143,7 @@ async def kserve_predict(
 
 @router.post("/{name}:explain", response_model=KServeExplainResponse, openapi_extra=_BODY)
 async def kserve_explain(
-    name: str,
+    name: ModelPath,
     request: Request,
     settings: SettingsDep,
     registry: RegistryDep,

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from model_store.manifest import Manifest
-from service.deps import ApiKey, RegistryDep, SettingsDep, root_of
+from service.deps import ApiKey, ModelPath, PrototypePath, RegistryDep, SettingsDep, root_of
 from service.errors import NotFoundError
 from service.schemas import (
     Box,
@@ -55,7 +55,7 @@ async def _manifest(registry: RegistryDep, ref: str) -> tuple[Manifest, str | No
 
 
 @router.get("/{name}", response_model=ModelDetail)
-async def get_model(name: str, registry: RegistryDep) -> ModelDetail:
+async def get_model(name: ModelPath, registry: RegistryDep) -> ModelDetail:
     """One version (``name`` = name, name@version or name@alias): classes, prototypes,
     trunk, accuracy."""
     m, sha = await _manifest(registry, name)
@@ -87,7 +87,9 @@ async def get_model(name: str, registry: RegistryDep) -> ModelDetail:
 
 
 @router.get("/{name}/prototypes", response_model=PrototypeList)
-async def list_prototypes(name: str, registry: RegistryDep, request: Request) -> PrototypeList:
+async def list_prototypes(
+    name: ModelPath, registry: RegistryDep, request: Request
+) -> PrototypeList:
     """Every prototype: its class, where it came from, links to its pictures."""
     m, _ = await _manifest(registry, name)
     base = f"{root_of(request)}/models/{m.name}@{m.version}/prototypes"
@@ -124,8 +126,8 @@ async def list_prototypes(name: str, registry: RegistryDep, request: Request) ->
     responses={200: {"content": {"image/png": {}}, "description": "a PNG from the store"}},
 )
 async def prototype_image(
-    name: str,
-    j: int,
+    name: ModelPath,
+    j: PrototypePath,
     registry: RegistryDep,
     settings: SettingsDep,
     kind: Annotated[ImageKind, Query(description="patch, source or activation")] = "patch",
