@@ -54,7 +54,7 @@ ExplanationsDep = Annotated[ExplanationService, Depends(get_explanations)]
 ModelPath = Annotated[
     str,
     Path(
-        description="a model: name (its production alias, else its latest version), "
+        description="a model: name (its 'latest' alias, else its newest version), "
         "name@version or name@alias"
     ),
 ]
