@@ -81,7 +81,7 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> boo
 def _label_spot(
     box: tuple[int, int, int, int],
     size: tuple[int, int],
-    image_hw: tuple[int, ...],
+    height: int,
     taken: list[tuple[int, int, int, int]],
 ) -> tuple[int, int, int, int]:
     """Where a label of ``size`` (w, h) goes for ``box``: inside its top-left corner if
@@ -90,8 +90,7 @@ def _label_spot(
     drawn on top of each other cannot be read. If none is free, the top-left corner."""
     x0, y0, x1, y1 = box
     w, h = size
-    height = image_hw[0]
-    xs = [x0 + 2, max(x0 + 2, x1 - w - 2)]
+    xs = list(dict.fromkeys([x0 + 2, max(x0 + 2, x1 - w - 2)]))  # left, then right
     ys = list(range(y0 + 2, max(y0 + 3, y1 - h), h)) or [y0 + 2]
     for x in xs:
         for y in ys:
@@ -117,7 +116,7 @@ def draw_boxes(
         if labels:
             (tw, th), base = cv2.getTextSize(labels[i], _LABEL_FONT, _LABEL_SCALE, 1)
             box = (int(x0), int(y0), int(x1), int(y1))
-            spot = _label_spot(box, (tw, th + base + 1), out.shape[:2], taken)
+            spot = _label_spot(box, (tw, th + base + 1), out.shape[0], taken)
             taken.append(spot)
             cv2.putText(
                 out,

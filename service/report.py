@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ import cv2
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from model_store.store import ImageKind
 from service import render
 from service.schemas import ExplainResponse
 
@@ -82,15 +84,16 @@ def render_report(
     resp: ExplainResponse,
     rd: render.RenderData,
     image: np.ndarray,
-    pictures: dict[tuple[int, str], bytes | None],
+    store_picture: Callable[[int, ImageKind], bytes | None] | None,
     rows_per_class: int,
 ) -> str:
-    """HTML for the predicted class and the runner-up. ``pictures``: the store's PNGs by
-    (prototype, kind), kind "patch" or "source" (absent or None: not available)."""
+    """HTML for the predicted class and the runner-up. ``store_picture(j, kind)`` reads
+    prototype j's "patch" or "source" PNG from the store (None: the model's version has
+    left the store, and the rows show no such pictures)."""
     probs = {c.class_index: c.probability for c in resp.top_classes}
 
-    def store_uri(prototype: int, kind: str) -> str | None:
-        png = pictures.get((prototype, kind))
+    def store_uri(prototype: int, kind: ImageKind) -> str | None:
+        png = store_picture(prototype, kind) if store_picture is not None else None
         arr = png_thumbnail(png) if png else None
         return data_uri(arr) if arr is not None else None
 
@@ -146,11 +149,4 @@ def render_report(
         sheets=sheets,
         boxes_uri=data_uri(render.boxes_image(rd, image)),
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    )
-
-
-def report_prototypes(resp: ExplainResponse, rows_per_class: int) -> list[int]:
-    """The prototypes whose store pictures the report shows."""
-    return list(
-        dict.fromkeys(r.prototype for s in resp.scoring_sheets[:2] for r in s.rows[:rows_per_class])
     )

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import HTMLResponse
 
-from model_store.store import ImageKind
 from protopnet.errors import ProtoPNetError
 from service.deps import ApiKey, ExplanationsDep, PrototypePath, RegistryDep, SettingsDep
 from service.errors import NotFoundError
 from service.explanations import ID_LENGTH, is_explanation_id
-from service.report import render_report, report_prototypes
+from service.report import render_report
 from service.schemas import ExplainResponse, HeatmapMode, HeatmapStyle
 
 router = APIRouter(prefix="/explanations", tags=["explanations"], dependencies=[ApiKey])
@@ -83,19 +81,10 @@ async def get_report(
     data = await svc.stored_json(_check_id(eid))
     resp = ExplainResponse.model_validate_json(data)
     rd, image = await svc.render_data(eid)
-    wanted = report_prototypes(resp, settings.report_rows)
-    pictures: dict[tuple[int, str], bytes | None] = {}
     try:
         served = await registry.get(f"{resp.model.name}@{resp.model.version}")
+        read = served.loaded.prototype_image_bytes  # runs in the report's own pool job
     except ProtoPNetError:  # the version left the store: the report renders without them
-        served = None
-    if served is not None:
-        loaded = served.loaded
-        kinds: tuple[ImageKind, ...] = ("patch", "source")
-        keys = [(j, kind) for j in wanted for kind in kinds]
-        found = await asyncio.gather(
-            *(asyncio.to_thread(loaded.prototype_image_bytes, j, kind) for j, kind in keys)
-        )
-        pictures = dict(zip(keys, found, strict=True))
-    html = await svc.run(render_report, resp, rd, image, pictures, settings.report_rows)
+        read = None
+    html = await svc.run(render_report, resp, rd, image, read, settings.report_rows)
     return HTMLResponse(html)

@@ -5,29 +5,29 @@ render, nothing external is fetched, no console errors, and it prints."""
 from __future__ import annotations
 
 import base64
+import io
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.service.corpus import encode
-
-
-def _decoded(uri: str) -> np.ndarray:
-    """An inline JPEG data: URI as an RGB array."""
-    jpeg = base64.b64decode(uri.split(",", 1)[1])
-    return cv2.cvtColor(
-        cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
-    )
-
-
-def _png(content: bytes) -> np.ndarray:
-    return cv2.cvtColor(
-        cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
-    )
-
+from tests.service.test_explain import png_of
 
 pytestmark = pytest.mark.slow
+
+
+def _inline(uri: str) -> np.ndarray:
+    """An inline data: URI's picture as an RGB array."""
+    img = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    return np.asarray(img.convert("RGB"))
+
+
+def _served(client, url: str, like: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A PNG the API serves, as RGB at ``like``'s size (the report shrinks its pictures)."""
+    rgb = np.asarray(png_of(client, url).convert("RGB"))
+    return cv2.resize(rgb, (like.shape[1], like.shape[0]), interpolation=cv2.INTER_AREA)
 
 
 def test_report_renders_rows_and_images(client, server, browser, photo_images) -> None:
@@ -57,22 +57,15 @@ def test_report_renders_rows_and_images(client, server, browser, photo_images) -
             assert f"prototype {row['prototype']}" in cells.nth(2).inner_text()
             assert cells.nth(6).inner_text() == f"{row['points']:+.3f}"
             # "Where it is": the API's overlay heatmap of that prototype (box drawn on it).
-            act = _decoded(cells.nth(1).locator("img").get_attribute("src"))
+            act = _inline(cells.nth(1).locator("img").get_attribute("src"))
             url = f"/explanations/{body['id']}/heatmaps/{row['prototype']}.png?style=overlay"
-            overlay = _png(client.get(url).content)
-            overlay = cv2.resize(
-                overlay, (act.shape[1], act.shape[0]), interpolation=cv2.INTER_AREA
-            )
-            assert np.abs(act.astype(int) - overlay.astype(int)).mean() < 8
+            assert np.abs(act.astype(int) - _served(client, url, act).astype(int)).mean() < 8
             activations.append(act)
             # "From this training image": the store's source picture of that prototype.
-            src = _decoded(cells.nth(3).locator("img").get_attribute("src"))
+            src = _inline(cells.nth(3).locator("img").get_attribute("src"))
             ref = f"{body['model']['name']}@{body['model']['version']}"
-            store = _png(
-                client.get(f"/models/{ref}/prototypes/{row['prototype']}.png?kind=source").content
-            )
-            store = cv2.resize(store, (src.shape[1], src.shape[0]), interpolation=cv2.INTER_AREA)
-            assert np.abs(src.astype(int) - store.astype(int)).mean() < 6
+            url = f"/models/{ref}/prototypes/{row['prototype']}.png?kind=source"
+            assert np.abs(src.astype(int) - _served(client, url, src).astype(int)).mean() < 6
         # Each row's map is its own prototype's.
         assert all(
             np.abs(a.astype(int) - activations[0].astype(int)).mean() > 1 for a in activations[1:]
