@@ -138,8 +138,16 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def launch_server(tmp: Path, store: Path, **settings: str | int | float) -> ServerProcess:
-    """Start ``python -m service`` with PROTOPNET_* settings (does not wait)."""
+def launch_server(
+    tmp: Path,
+    store: Path,
+    command: list[str] | None = None,
+    cwd: Path = REPO,
+    env_extra: dict[str, str] | None = None,
+    **settings: str | int | float,
+) -> ServerProcess:
+    """Start ``python -m service`` (or ``command``) with PROTOPNET_* settings (does not
+    wait)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOPNET_")}
     env.update(
@@ -155,10 +163,15 @@ def launch_server(tmp: Path, store: Path, **settings: str | int | float) -> Serv
     if fashion_available():
         env["PROTOPNET_MODELS"] = "fashion"
     env.update({f"PROTOPNET_{k.upper()}": str(v) for k, v in settings.items()})
+    env.update(env_extra or {})
     log_path = tmp / f"server-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=log
+            command or [sys.executable, "-m", "service"],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=log,
         )
     return ServerProcess(port, proc, log_path, env)
 
