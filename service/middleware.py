@@ -1,8 +1,9 @@
 """Request ids, structured access logs, per-route metrics, and the last-resort 500.
 
 A pure ASGI middleware (no BaseHTTPMiddleware) so streaming and disconnects behave.
-Every response carries X-Request-ID (the client's, if it sent a sane one); every log
-line written while handling the request carries it too.
+Every response carries X-Request-ID (the client's, if it sent a sane one) and
+X-Content-Type-Options: nosniff; every log line written while handling the request
+carries the id too.
 """
 
 from __future__ import annotations
@@ -83,7 +84,13 @@ class RequestContextMiddleware:
                 started = True
                 status = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", rid.encode()),
+                    # Browsers must take each body as the type it is sent as (a JSON
+                    # error is never sniffed into HTML).
+                    (b"x-content-type-options", b"nosniff"),
+                ]
             await send(message)
 
         try:

@@ -28,6 +28,7 @@ def test_corpus(client, case: Case) -> None:
     assert r.status_code == case.status, r.text
     assert r.headers["content-type"].startswith("application/json")
     assert r.headers["x-request-id"]
+    assert r.headers["x-content-type-options"] == "nosniff"  # never sniffed into HTML
     body = r.json()
     if case.code is None:
         assert body["prediction"]["label"] in {"cat", "person", "coffee"}

@@ -71,6 +71,7 @@ def png_of(client: httpx.Client, url: str) -> Image.Image:
     r = client.get(url)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
+    assert r.headers["x-content-type-options"] == "nosniff"
     img = Image.open(io.BytesIO(r.content))
     img.load()
     return img

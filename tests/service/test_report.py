@@ -41,6 +41,10 @@ def test_report_renders_rows_and_images(client, server, browser, photo_images) -
     page.on("request", lambda r: fetched.append(r.url))
     resp = page.goto(server.url + body["links"]["report"], wait_until="load")
     assert resp is not None and resp.status == 200
+    # The page needs nothing but its inline style and data: pictures, and says so; the
+    # browser enforces that below (a blocked resource is a console error).
+    csp = resp.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src" not in csp
     pred, runner = body["scoring_sheets"][0], body["scoring_sheets"][1]
     assert pred["label"] in page.title()
     sections = page.locator("section.class")
