@@ -1,6 +1,7 @@
-"""``python -m training <verb>``: train, evaluate, push, prune, export, ensemble,
+"""``python -m training <verb>``: check, train, evaluate, push, prune, export, ensemble,
 synthetic, demo.
 
+    python -m training check --config my.yaml [--json report.json] [--strict]
     python -m training train --config fashion_mnist [--set train.epochs=3] [--resume]
     python -m training evaluate --run-dir runs/fashion [--checkpoint best] [--split test]
     python -m training push --run-dir runs/fashion --checkpoint last
@@ -50,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser(
+        "check",
+        help="read every image of a config's dataset and report what would spoil training: "
+        "unreadable files, images in two classes, test images also in train",
+    )
+    _config_args(p)
+    p.add_argument("--json", type=Path, help="also write the whole report here")
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
 
     p = verbs.add_parser("train", help="train a ProtoPNet (warm-up, joint, push, last layer)")
     _config_args(p, required=False)
@@ -111,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=1, default=str))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from training.check import check_dataset
+    from training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    report = check_dataset(cfg.data, args.threads, progress=not args.no_progress)
+    for line in report.lines():
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=1))
+    failed = report.errors > 0 or (args.strict and report.warnings > 0)
+    return 1 if failed else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -375,6 +400,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "check": cmd_check,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "push": cmd_push,

@@ -150,8 +150,11 @@ class FileImages(ImageSet):
         try:
             img: Image.Image = Image.open(path)
             img.load()
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"cannot read image {str(path)!r}: {exc}") from exc
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DatasetError(
+                f"cannot read image {str(path)!r}: {exc}; `python -m training check` lists "
+                "every such file"
+            ) from exc
         if self.crops is not None:
             x, y, w, h = self.crops[i]
             x0, y0 = max(0, int(x)), max(0, int(y))
@@ -165,6 +168,37 @@ class FileImages(ImageSet):
 
     def image_path(self, i: int) -> str | None:
         return self.rel_paths[i]
+
+
+def file_path(images: ImageSet, i: int) -> Path | None:
+    """The file behind image ``i`` (through subsets), or None for in-memory sets."""
+    while isinstance(images, SubsetImages):
+        sub: SubsetImages = images
+        images, i = sub.base, sub.indices[i]
+    return images.root / images.rel_paths[i] if isinstance(images, FileImages) else None
+
+
+def read_error(exc: BaseException) -> str:
+    """Pillow's reason without the path it repeats."""
+    text = str(exc)
+    return text.split(" '")[0] if text.startswith("cannot identify image file") else text
+
+
+def header_problems(images: ImageSet) -> list[tuple[str, str]]:
+    """(path, reason) for each file whose header Pillow cannot read (empty, not an image,
+    an unsupported format); [] for in-memory sets. About 0.1 ms a file: it runs before
+    every training, so such a file stops the run before its first epoch, not in it."""
+    out = []
+    for i in range(len(images)):
+        path = file_path(images, i)
+        if path is None:
+            return []
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            out.append((str(path), read_error(exc)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -417,6 +451,14 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
     if empty:
         raise DatasetError(
             f"classes {empty[:10]} have no training image (push needs at least one per class)"
+        )
+    bad = header_problems(train_full) + header_problems(test)
+    if bad:
+        listed = "; ".join(f"{path}: {why}" for path, why in bad[:10])
+        raise DatasetError(
+            f"{len(bad)} image files cannot be read ({listed}{'; ...' if len(bad) > 10 else ''}); "
+            "remove or replace them (`python -m training check --config ...` checks every "
+            "image and lists every problem)"
         )
     return Splits(train=train_full.subset(tr), val=train_full.subset(va), test=test)
 

@@ -1,0 +1,150 @@
+"""``python -m training check``: what would spoil a training run, found before it starts.
+
+A real folder of JPEGs and PNGs with the faults an exported dataset has: an empty file, a
+text file named .jpg, a truncated JPEG, a test image copied from train (a leak), and one
+image filed under two classes. The real command lists each by path with its reason and
+exits 1; ``train`` on the same folder stops before its first epoch, writing nothing, and
+names every file whose header is unreadable at once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.training.conftest import run_cli
+from training.check import check_dataset
+from training.config import load_config
+from training.data import build_splits
+
+CLASSES = ("cat", "dog")
+
+
+def _picture(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(24 + seed % 9, 30, 3), dtype=np.uint8))
+
+
+def write_clean(root: Path, per_class: int = 4) -> None:
+    seed = 0
+    for split in ("train", "test"):
+        for k in CLASSES:
+            (root / split / k).mkdir(parents=True)
+            for i in range(per_class):
+                seed += 1
+                _picture(seed).save(root / split / k / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def write_config(root: Path, tmp: Path) -> Path:
+    path = tmp / "my.yaml"
+    path.write_text(
+        f"name: mine\ndata: {{kind: imagefolder, root: {root}, num_workers: 0}}\n"
+        "model: {backbone: tiny_cnn, img_size: 32, prototypes_per_class: 1}\n"
+        f"train: {{epochs: 1}}\nruns_dir: {tmp / 'runs'}\n"
+    )
+    return path
+
+
+def spoil(root: Path) -> dict[str, str]:
+    """The faults, by the path each is reported under."""
+    jpeg = io.BytesIO()
+    _picture(99).resize((200, 160)).save(jpeg, "JPEG", quality=95)
+    faults = {
+        "train/cat/empty.png": b"",
+        "train/dog/notes.jpg": b"these are my notes, not a picture\n",
+        "test/dog/cut.jpg": jpeg.getvalue()[: len(jpeg.getvalue()) // 2],
+    }
+    for rel, data in faults.items():
+        (root / rel).write_bytes(data)
+    shutil.copy(root / "train/cat/1.png", root / "test/cat/leaked.png")
+    shutil.copy(root / "train/cat/2.jpg", root / "train/dog/misfiled.jpg")
+    return {str(root / rel): rel for rel in [*faults, "test/cat/leaked.png"]}
+
+
+def test_a_clean_folder_passes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_clean(root)
+    done = run_cli("check", "--config", str(write_config(root, tmp_path)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "2 classes" in out
+    assert (
+        "train: 8 images, 4 to 4 per class; sizes 30x25 to 30x32; modes RGB 8" in out
+    )  # 24 + seed % 9 px tall
+    assert "no errors, 0 warnings" in out
+
+
+def test_check_names_every_fault_and_train_stops_before_its_first_epoch(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "data"
+    write_clean(root)
+    spoil(root)
+    config = write_config(root, tmp_path)
+    report_path = tmp_path / "report.json"
+    done = run_cli("check", "--config", str(config), "--json", str(report_path))
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = done.stdout
+    assert "ERROR: 3 images cannot be read:" in out
+    assert f"{root}/train/cat/empty.png: empty file" in out
+    assert f"{root}/train/dog/notes.jpg: cannot identify image file" in out
+    assert f"{root}/test/dog/cut.jpg: image file is truncated" in out
+    assert "ERROR: 1 images are filed under more than one class:" in out
+    assert f"{root}/train/cat/2.jpg (cat)  =  {root}/train/dog/misfiled.jpg (dog)" in out
+    assert "WARNING: 1 test images are also in train" in out
+    assert f"{root}/test/cat/leaked.png  =  {root}/train/cat/1.png" in out
+    assert "4 errors, 1 warnings" in out
+    report = json.loads(report_path.read_text())
+    assert report["ok"] is False and (report["errors"], report["warnings"]) == (4, 1)
+    assert {u["image"] for u in report["unreadable"]} == {
+        f"{root}/train/cat/empty.png",
+        f"{root}/train/dog/notes.jpg",
+        f"{root}/test/dog/cut.jpg",
+    }
+    assert report["counts"] == {"train": [5, 6], "test": [5, 5]}
+
+    # Training stops at once: both unreadable headers named in one message, nothing written.
+    done = run_cli("train", "--config", str(config))
+    assert done.returncode == 2, done.stdout + done.stderr
+    err = done.stderr
+    assert "2 image files cannot be read" in err
+    assert "train/cat/empty.png" in err and "train/dog/notes.jpg" in err
+    assert "python -m training check" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_truncated_file_alone_is_named_when_training_reads_it(tmp_path: Path) -> None:
+    """A truncated JPEG has a good header, so only decoding finds it: the error, raised
+    where the image is read, names it and points to the check."""
+    root = tmp_path / "data"
+    write_clean(root, per_class=2)
+    jpeg = io.BytesIO()
+    _picture(7).resize((200, 160)).save(jpeg, "JPEG", quality=95)
+    (root / "train/dog/cut.jpg").write_bytes(jpeg.getvalue()[:900])
+    cfg = load_config(str(write_config(root, tmp_path)))
+    splits = build_splits(cfg.data, seed=0)  # headers are fine
+    train = splits.train
+    i = next(i for i in range(len(train)) if train.image_id(i).endswith("cut.jpg"))
+    try:
+        train.load(i)
+        raise AssertionError("a truncated JPEG loaded")
+    except Exception as exc:
+        assert "cut.jpg" in str(exc) and "training check" in str(exc)
+    report = check_dataset(cfg.data, threads=2, progress=False)
+    assert [u["image"] for u in report.unreadable] == [str(root / "train/dog/cut.jpg")]
+
+
+def test_in_memory_sets_compare_pixels(tmp_path: Path) -> None:
+    """Fashion-MNIST-like sets have no files: duplicates are found by their pixels."""
+    cfg = load_config(
+        "synthetic", ["data.synthetic.train_per_class=4", "data.synthetic.test_per_class=2"]
+    )
+    report = check_dataset(cfg.data, threads=2, progress=False)
+    assert report.errors == 0 and report.unreadable == []
+    assert sum(report.counts["train"]) == 4 * len(report.classes)
+    assert report.leaks == []  # the synthetic generator draws test images apart
