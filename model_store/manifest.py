@@ -39,11 +39,24 @@ class PrototypeRecord(BaseModel):
     has_images: bool = False  # prototypes/<j>_*.png present
 
 
+class ClassMetrics(BaseModel):
+    """One class on the test split: its images, recall (sensitivity: the share of its
+    images given this class) and precision (the share of this answer that was right)."""
+
+    label: str
+    images: int
+    recall: float | None = None  # None: no test image of the class
+    precision: float | None = None  # None: never predicted
+
+
 class Metrics(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     val_accuracy: float | None = None
     test_accuracy: float | None = None
+    test_balanced_accuracy: float | None = None  # mean recall over the classes
+    test_per_class: list[ClassMetrics] | None = None
+    test_confusion: list[list[int]] | None = None  # rows: true class, columns: predicted
     baseline_gap_points: float | None = None
 
 

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from model_store.manifest import Metrics
 from model_store.store import ImageKind
 from service import render
 from service.schemas import ExplainResponse
@@ -80,16 +81,41 @@ class ReportSheet:
     total: float
 
 
+@dataclass
+class ClassRecord:
+    """How the model did on its test split for the class it answered, as published."""
+
+    label: str
+    images: int  # test images of the class
+    recall: float  # share of them it gave this class (sensitivity)
+    precision: float | None  # share of its answers of this class that were right
+    accuracy: float | None  # over all classes
+
+
+def class_record(metrics: Metrics | None, class_index: int) -> ClassRecord | None:
+    """The record for ``class_index``, or None when the model was published without
+    per-class figures (or the class had no test image)."""
+    per_class = metrics.test_per_class if metrics is not None else None
+    if metrics is None or not per_class or class_index >= len(per_class):
+        return None
+    c = per_class[class_index]
+    if c.recall is None:
+        return None
+    return ClassRecord(c.label, c.images, c.recall, c.precision, metrics.test_accuracy)
+
+
 def render_report(
     resp: ExplainResponse,
     rd: render.RenderData,
     image: np.ndarray,
     store_picture: Callable[[int, ImageKind], bytes | None] | None,
     rows_per_class: int,
+    metrics: Metrics | None = None,
 ) -> str:
     """HTML for the predicted class and the runner-up. ``store_picture(j, kind)`` reads
     prototype j's "patch" or "source" PNG from the store (None: the model's version has
-    left the store, and the rows show no such pictures)."""
+    left the store, and the rows show no such pictures). ``metrics``: the version's
+    published test figures, for a line on how often its answer was right there."""
     probs = {c.class_index: c.probability for c in resp.top_classes}
 
     def store_uri(prototype: int, kind: ImageKind) -> str | None:
@@ -147,6 +173,7 @@ def render_report(
         runner_up=runner_up,
         missing_runner_up=runner_up is None,
         sheets=sheets,
+        tested=class_record(metrics, resp.prediction.class_index),
         boxes_uri=data_uri(render.boxes_image(rd, image)),
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )

@@ -121,7 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=1, default=str))
+    """JSON on stdout, without confusion matrices (K x K numbers, one a line: 40000 lines
+    for CUB); run directories' summary.json and the store's manifest keep them."""
+
+    def brief(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: brief(v) for k, v in o.items() if not k.endswith("confusion")}
+        return o
+
+    print(json.dumps(brief(obj), indent=1, default=str))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -185,8 +193,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ck.config.train.loss,
         device,
         progress=not args.no_progress,
+        confusion=True,
     )
-    _print({"checkpoint": args.checkpoint, "split": args.split, **out})
+    _print(
+        {
+            "checkpoint": args.checkpoint,
+            "split": args.split,
+            **out,
+            **engine.class_report(out["confusion"], ck.class_names),
+        }
+    )
     return 0
 
 

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -162,25 +162,57 @@ def loss_terms(
 
 
 class _Sums:
-    """Running means of the loss terms and accuracy over an epoch."""
+    """Running means of the loss terms and accuracy over an epoch; with ``num_classes``,
+    also the confusion matrix (rows: true class, columns: predicted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int | None = None) -> None:
         self.total: dict[str, float] = {}
         self.n = 0
         self.correct = 0
+        k = num_classes or 0
+        self.confusion = torch.zeros(k * k, dtype=torch.int64) if num_classes else None
 
     def add(self, terms: LossTerms, logits: torch.Tensor, labels: torch.Tensor) -> None:
         b = int(labels.shape[0])
         self.n += b
-        self.correct += int((logits.argmax(dim=1) == labels).sum())
+        pred = logits.argmax(dim=1)
+        self.correct += int((pred == labels).sum())
+        if self.confusion is not None:
+            n_cls = logits.shape[1]
+            cells = (labels * n_cls + pred).cpu()
+            self.confusion += torch.bincount(cells, minlength=n_cls * n_cls)
         for k in ("loss", "ce", "cluster", "separation", "avg_separation", "l1"):
             self.total[k] = self.total.get(k, 0.0) + float(getattr(terms, k).detach()) * b
 
-    def result(self) -> dict[str, float]:
-        out = {k: v / max(self.n, 1) for k, v in self.total.items()}
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: v / max(self.n, 1) for k, v in self.total.items()}
         out["accuracy"] = self.correct / max(self.n, 1)
         out["images"] = float(self.n)
+        if self.confusion is not None:
+            k = math.isqrt(self.confusion.numel())
+            out["confusion"] = self.confusion.view(k, k).tolist()
         return out
+
+
+def class_report(confusion: list[list[int]], class_names: list[str]) -> dict[str, Any]:
+    """Per class: test images, recall (the share of the class's images it was given:
+    sensitivity) and precision (the share of its answers that were right); and the
+    balanced accuracy, the mean recall over classes that have images. A rate with
+    nothing to count (no image, or never predicted) is None."""
+    k = len(class_names)
+    images = [sum(confusion[t]) for t in range(k)]
+    answers = [sum(confusion[t][p] for t in range(k)) for p in range(k)]
+    recall = [confusion[c][c] / images[c] if images[c] else None for c in range(k)]
+    precision = [confusion[c][c] / answers[c] if answers[c] else None for c in range(k)]
+    per_class = [
+        {"label": name, "images": images[c], "recall": recall[c], "precision": precision[c]}
+        for c, name in enumerate(class_names)
+    ]
+    recalls = [r for r in recall if r is not None]
+    return {
+        "balanced_accuracy": sum(recalls) / len(recalls) if recalls else None,
+        "per_class": per_class,
+    }
 
 
 def _progress(loader: DataLoader, desc: str, enabled: bool) -> Iterator:
@@ -243,11 +275,13 @@ def evaluate(
     channels_last: bool = False,
     progress: bool = False,
     desc: str = "eval",
-) -> dict[str, float]:
-    """Accuracy and loss terms on unaugmented images, model in eval mode."""
+    confusion: bool = False,
+) -> dict[str, Any]:
+    """Accuracy and loss terms on unaugmented images, model in eval mode; with
+    ``confusion``, the confusion matrix too (see ``class_report``)."""
     was_training = model.training
     model.eval()
-    sums = _Sums()
+    sums = _Sums(model.num_classes if confusion else None)
     try:
         for x, y, _ in _progress(loader, desc, progress):
             x, y = _to(x, device, channels_last), y.to(device)

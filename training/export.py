@@ -11,7 +11,7 @@ from protopnet.errors import ProtoPNetError
 from training import engine
 from training.data import build_splits
 from training.push import render_visuals
-from training.run import eval_loader, read_checkpoint
+from training.run import eval_loader, metrics_from_test, read_checkpoint
 
 
 class ExportError(ProtoPNetError):
@@ -49,14 +49,16 @@ def export_run(
         else None
     )
     metrics = _metrics(run_dir, tag, ck.meta)
-    if metrics.get("test_accuracy") is None:
+    if metrics.get("test_per_class") is None:  # not measured by the run: measure it now
         device = engine.pick_device(cfg.train.device)
-        metrics["test_accuracy"] = engine.evaluate(
+        evaluated = engine.evaluate(
             ck.model.to(device),
             eval_loader(splits.test, ck.preprocessing, cfg),
             cfg.train.loss,
             device,
-        )["accuracy"]
+            confusion=True,
+        )
+        metrics.update(metrics_from_test(evaluated, ck.class_names))
         ck.model.cpu()
     store = ModelStore(store_root if store_root is not None else cfg.export.store)
     return store.publish(
@@ -81,10 +83,11 @@ def _metrics(run_dir: Path, tag: str, meta: dict[str, Any]) -> dict[str, Any]:
     if out["val_accuracy"] is not None and out["val_accuracy"] < 0:
         out["val_accuracy"] = None
     summary_path = run_dir / "summary.json"
+    measured: dict[str, Any] = {}
     if tag == "pruned" and "prune" in meta:
-        out["test_accuracy"] = meta["prune"]["test_accuracy"]
+        measured = meta["prune"]
         out["pruned_prototypes"] = len(meta["prune"]["pruned"])
     elif tag == "best" and summary_path.is_file():
-        best = json.loads(summary_path.read_text()).get("best", {})
-        out["test_accuracy"] = best.get("test_accuracy")
+        measured = json.loads(summary_path.read_text()).get("best", {})
+    out.update({k: v for k, v in measured.items() if k.startswith("test_")})
     return out

@@ -499,7 +499,7 @@ class Trainer:
         summary["best"] = {
             "epoch": best.meta["epoch"],
             "val_accuracy": best.meta["val_accuracy"] if best.meta["val_accuracy"] >= 0 else None,
-            "test_accuracy": self.test_accuracy(best.model),
+            **self.measure_test(best.model),
             "prototypes": best.model.num_prototypes,
         }
         if self.cfg.prune.enabled:
@@ -509,9 +509,22 @@ class Trainer:
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
-    def test_accuracy(self, model: ProtoPNet) -> float:
+    def measure_test(self, model: ProtoPNet) -> dict[str, Any]:
         loader = eval_loader(self.splits.test, self.prep, self.cfg)
-        return engine.evaluate(model, loader, self.cfg.train.loss, self.device)["accuracy"]
+        out = engine.evaluate(model, loader, self.cfg.train.loss, self.device, confusion=True)
+        return metrics_from_test(out, self.class_names)
+
+
+def metrics_from_test(evaluated: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    """A test evaluation (with its confusion matrix) as the metrics a model is published
+    with: accuracy, balanced accuracy, and per class its images, recall and precision."""
+    report = engine.class_report(evaluated["confusion"], class_names)
+    return {
+        "test_accuracy": evaluated["accuracy"],
+        "test_balanced_accuracy": report["balanced_accuracy"],
+        "test_per_class": report["per_class"],
+        "test_confusion": evaluated["confusion"],
+    }
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -579,7 +592,11 @@ def prune_checkpoint(
         else None
     )
     test = engine.evaluate(
-        model, eval_loader(splits.test, ck.preprocessing, cfg), cfg.train.loss, device
+        model,
+        eval_loader(splits.test, ck.preprocessing, cfg),
+        cfg.train.loss,
+        device,
+        confusion=True,
     )
     info = {
         "source": source_tag,
@@ -591,7 +608,7 @@ def prune_checkpoint(
         "classes_without_prototypes": result.classes_left_without_prototypes,
         "last_layer": last,
         "val_accuracy": None if val is None else val["accuracy"],
-        "test_accuracy": test["accuracy"],
+        **metrics_from_test(test, ck.class_names),
     }
     write_model_checkpoint(
         run_dir,

@@ -93,7 +93,8 @@ async def get_report(
     try:
         served = await registry.get(f"{resp.model.name}@{resp.model.version}")
         read = served.loaded.prototype_image_bytes  # runs in the report's own pool job
+        metrics = served.manifest.metrics
     except ProtoPNetError:  # the version left the store: the report renders without them
-        read = None
-    html = await svc.run(render_report, resp, rd, image, read, settings.report_rows)
+        read, metrics = None, None
+    html = await svc.run(render_report, resp, rd, image, read, settings.report_rows, metrics)
     return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_CSP})

@@ -113,6 +113,20 @@ def _push(
     return records, visuals, torch.stack(maps)
 
 
+# Made-up test figures, consistent with one confusion matrix (rows: true cat, person,
+# coffee): [[3, 1, 0], [2, 2, 0], [0, 3, 1]], 12 images, 6 right.
+PHOTO_METRICS = {
+    "test_accuracy": 0.5,
+    "test_balanced_accuracy": 0.5,
+    "test_per_class": [
+        {"label": "cat", "images": 4, "recall": 0.75, "precision": 0.6},
+        {"label": "person", "images": 4, "recall": 0.5, "precision": 1 / 3},
+        {"label": "coffee", "images": 4, "recall": 0.25, "precision": 1.0},
+    ],
+    "test_confusion": [[3, 1, 0], [2, 2, 0], [0, 3, 1]],
+}
+
+
 def build_photo_model(store: ModelStore, name: str = "photo", seed: int = 1) -> None:
     torch.manual_seed(seed)
     cfg = ProtoPNetConfig(
@@ -143,7 +157,7 @@ def build_photo_model(store: ModelStore, name: str = "photo", seed: int = 1) -> 
         records,
         visuals=visuals,
         activation_maps=maps,
-        metrics={"test_accuracy": 0.5},
+        metrics=PHOTO_METRICS,
         training_config={"note": "random weights, prototypes pushed onto skimage photos"},
     )
 

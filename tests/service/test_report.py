@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model_store.manifest import ClassMetrics, Metrics
+from service.report import ClassRecord, class_record
 from tests.service.corpus import encode
 from tests.service.test_explain import png_of
 
@@ -47,6 +49,16 @@ def test_report_renders_rows_and_images(client, server, browser, photo_images) -
     assert "default-src 'none'" in csp and "script-src" not in csp
     pred, runner = body["scoring_sheets"][0], body["scoring_sheets"][1]
     assert pred["label"] in page.title()
+    # How often the model's answer was right on its test set, as the store published it.
+    tested = page.locator("p.tested").inner_text()
+    ref = f"{body['model']['name']}@{body['model']['version']}"
+    metrics = client.get(f"/models/{ref}").json()["metrics"]
+    figures = metrics["test_per_class"][pred["class_index"]]
+    assert figures["label"] == pred["label"]
+    assert f"answered {pred['label']} for {figures['recall'] * 100:.1f}% of the" in tested
+    assert f"the {figures['images']} {pred['label']} images (sensitivity)" in tested
+    assert f'{figures["precision"] * 100:.1f}% of its "{pred["label"]}" answers' in tested
+    assert f"right for {metrics['test_accuracy'] * 100:.1f}% of test images" in tested
     sections = page.locator("section.class")
     assert sections.count() == 2
     for i, sheet in enumerate((pred, runner)):
@@ -93,3 +105,18 @@ def test_report_renders_rows_and_images(client, server, browser, photo_images) -
     page.close()
     html = client.get(body["links"]["report"]).text
     assert "http://" not in html and "https://" not in html  # no external resources at all
+
+
+def test_the_test_set_line_needs_per_class_figures() -> None:
+    """Published without per-class figures (older versions), or for a class without a
+    test image, the page says nothing rather than something made up."""
+    assert class_record(None, 0) is None
+    assert class_record(Metrics(test_accuracy=0.9), 0) is None
+    per_class = [
+        ClassMetrics(label="a", images=5, recall=0.8, precision=None),
+        ClassMetrics(label="b", images=0),
+    ]
+    m = Metrics(test_accuracy=0.5, test_per_class=per_class)
+    assert class_record(m, 0) == ClassRecord("a", 5, 0.8, None, 0.5)
+    assert class_record(m, 1) is None
+    assert class_record(m, 7) is None

@@ -55,7 +55,11 @@ def test_evaluate_matches_the_runs_summary(parts_run) -> None:  # type: ignore[n
     proc = run_cli("evaluate", "--run-dir", str(parts_run.run_dir), "--split", "test")
     assert proc.returncode == 0, proc.stderr
     out = _json(proc.stdout)
-    assert out["accuracy"] == pytest.approx(parts_run.summary["best"]["test_accuracy"])
+    best = parts_run.summary["best"]
+    assert out["accuracy"] == pytest.approx(best["test_accuracy"])
+    assert out["balanced_accuracy"] == pytest.approx(best["test_balanced_accuracy"])
+    assert out["per_class"] == best["test_per_class"]
+    assert "confusion" not in proc.stdout  # K x K numbers: in summary.json, not on screen
     bad = run_cli("evaluate", "--run-dir", str(parts_run.run_dir), "--checkpoint", "nope")
     assert bad.returncode == 2 and "no checkpoint 'nope'" in bad.stderr and "best" in bad.stderr
 
@@ -76,6 +80,9 @@ def test_prune_then_export_publishes_a_smaller_model(parts_run, tmp_path: Path) 
     assert loaded.model.num_prototypes == info["prototypes_after"]
     assert len(loaded.manifest.prototypes) == info["prototypes_after"]
     assert loaded.manifest.metrics.test_accuracy == pytest.approx(info["test_accuracy"])
+    per_class = loaded.manifest.metrics.test_per_class
+    assert per_class is not None
+    assert [r.model_dump() for r in per_class] == info["test_per_class"]
     kept = [j for j in range(info["prototypes_before"]) if j not in set(info["pruned"])]
     full = ModelStore(parts_run.store).load("parts").manifest.prototypes
     assert [r.source_image_id for r in loaded.manifest.prototypes] == [

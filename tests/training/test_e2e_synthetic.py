@@ -112,5 +112,23 @@ def test_published_model_predicts_like_the_run(parts_run) -> None:  # type: igno
     acc = float((pred == torch.tensor(test.labels)).float().mean())
     assert acc == pytest.approx(parts_run.summary["best"]["test_accuracy"], abs=1e-6)
     assert loaded.manifest.metrics.test_accuracy == pytest.approx(acc, abs=1e-6)
+    # Per class, counted here image by image: the store's recall, precision, confusion.
+    labels, K = test.labels, len(test.class_names)
+    confusion = [[0] * K for _ in range(K)]
+    for t, p in zip(labels, pred.tolist(), strict=True):
+        confusion[t][p] += 1
+    m = loaded.manifest.metrics
+    assert m.test_confusion == confusion
+    assert m.test_per_class is not None and len(m.test_per_class) == K
+    recalls = []
+    for c, row in enumerate(m.test_per_class):
+        mine = [i for i, t in enumerate(labels) if t == c]
+        said = [i for i, q in enumerate(pred.tolist()) if q == c]
+        hits = sum(1 for i in mine if pred[i] == c)
+        assert (row.label, row.images) == (test.class_names[c], len(mine))
+        assert row.recall == pytest.approx(hits / len(mine))
+        assert row.precision == (pytest.approx(hits / len(said)) if said else None)
+        recalls.append(hits / len(mine))
+    assert m.test_balanced_accuracy == pytest.approx(sum(recalls) / K)
     assert loaded.manifest.class_names == test.class_names
     assert loaded.manifest.training_config["train"]["epochs"] == cfg.train.epochs

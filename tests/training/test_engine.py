@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from protopnet.config import ProtoPNetConfig
 from protopnet.model import create_model
+from training import engine
 from training.config import LossCoefficients
 from training.engine import set_stage, train_last_layer
 
@@ -64,3 +66,16 @@ def test_last_layer_l1_drives_wrong_class_weights_to_zero_and_keeps_accuracy() -
     model2 = _model()
     train_last_layer(model2, sims, labels, epochs=60, lr=0.01, coefs=LossCoefficients(l1=0.0))
     assert float(model2.last_layer.weight.detach()[wrong].abs().mean()) > 0.3
+
+
+def test_class_report_against_counting_by_hand() -> None:
+    # True classes 0, 0, 0, 1, 1 predicted as 0, 1, 0, 1, 1; class 2 has no image and
+    # is never predicted: its rates have nothing to count.
+    confusion = [[2, 1, 0], [0, 2, 0], [0, 0, 0]]
+    report = engine.class_report(confusion, ["a", "b", "c"])
+    assert report["per_class"] == [
+        {"label": "a", "images": 3, "recall": 2 / 3, "precision": 1.0},
+        {"label": "b", "images": 2, "recall": 1.0, "precision": 2 / 3},
+        {"label": "c", "images": 0, "recall": None, "precision": None},
+    ]
+    assert report["balanced_accuracy"] == pytest.approx((2 / 3 + 1.0) / 2)
