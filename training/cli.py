@@ -210,7 +210,12 @@ def cmd_push(args: argparse.Namespace) -> int:
     from training import engine
     from training.data import build_splits
     from training.push import push_prototypes
-    from training.run import eval_loader, read_checkpoint, write_model_checkpoint
+    from training.run import (
+        class_weights_for,
+        eval_loader,
+        read_checkpoint,
+        write_model_checkpoint,
+    )
 
     ck = read_checkpoint(args.run_dir, args.checkpoint)
     cfg = ck.config
@@ -237,6 +242,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     engine.train_last_layer(
         model, sims, labels, epochs, cfg.train.lr.last_layer, cfg.train.loss,
         cfg.train.last_layer_batch_size, seed=cfg.train.seed,
+        class_weights=class_weights_for(cfg, splits, device),
     )  # fmt: skip
     val = engine.evaluate(
         model, eval_loader(splits.val, ck.preprocessing, cfg), cfg.train.loss, device

@@ -154,12 +154,20 @@ class LearningRates(_Section):
 
 
 class LossCoefficients(_Section):
-    """loss = crs_ent * CE + clst * Clst + sep * Sep + l1 * L1 (sep enters negative)."""
+    """loss = crs_ent * CE + clst * Clst + sep * Sep + l1 * L1 (sep enters negative).
+
+    ``class_weights: balanced`` is for imbalanced data (a rare finding among normal
+    scans): each training image's CE counts N / (K * n_class), so every class weighs as
+    much in total, in the SGD stages and the last layer alike; the best checkpoint is
+    then the one with the highest validation balanced accuracy (mean recall), not
+    accuracy, which a model can raise by ignoring a rare class.
+    """
 
     crs_ent: float = 1.0
     clst: float = 0.8
     sep: float = -0.08
     l1: float = 1e-4
+    class_weights: Literal["none", "balanced"] = "none"
 
 
 class TrainConfig(_Section):

@@ -147,9 +147,12 @@ def loss_terms(
     labels: torch.Tensor,
     coefs: LossCoefficients,
     stage: Stage,
+    class_weights: torch.Tensor | None = None,
 ) -> LossTerms:
+    """The loss and its terms; ``class_weights`` (K,) weigh each image's CE by its class
+    (``balanced_class_weights``); the prototype terms are per image as in the paper."""
     ident = model.prototype_class_identity  # (P, K)
-    ce = F.cross_entropy(logits, labels)
+    ce = F.cross_entropy(logits, labels, weight=class_weights)
     clst = cluster_cost(min_d, labels, ident)
     sep = separation_cost(min_d, labels, ident)
     avg = average_separation_cost(min_d, labels, ident)
@@ -194,6 +197,14 @@ class _Sums:
         return out
 
 
+def balanced_class_weights(counts: list[int]) -> torch.Tensor:
+    """(K,) weights N / (K' * n_k) for classes with n_k training images (K' of them have
+    any), so each class's images weigh N / K' in total; 0 for a class with none."""
+    present = [n for n in counts if n > 0]
+    total, k = sum(present), len(present)
+    return torch.tensor([total / (k * n) if n > 0 else 0.0 for n in counts])
+
+
 def class_report(confusion: list[list[int]], class_names: list[str]) -> dict[str, Any]:
     """Per class: test images, recall (the share of the class's images it was given:
     sensitivity) and precision (the share of its answers that were right); and the
@@ -236,6 +247,7 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     progress: bool = True,
     desc: str = "train",
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One SGD epoch of the warm or joint stage; returns mean loss terms and accuracy."""
     set_stage(model, stage)
@@ -245,7 +257,7 @@ def train_epoch(
     for x, y, _ in _progress(loader, desc, progress):
         x, y = _to(x, device, channels_last), y.to(device)
         logits, min_d = forward(x)  # (B, K), (B, P)
-        terms = loss_terms(model, logits, min_d, y, coefs, stage)
+        terms = loss_terms(model, logits, min_d, y, coefs, stage, class_weights)
         if not math.isfinite(float(terms.loss.detach())):
             raise DivergedError(
                 f"{desc}: the loss became {float(terms.loss.detach())}; lower the learning "
@@ -330,11 +342,14 @@ def train_last_layer(
     coefs: LossCoefficients,
     batch_size: int = 256,
     seed: int = 0,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The convex last-layer stage on fixed scores: Adam on CE + l1 * L1(wrong-class).
 
-    sims: (N, P) similarity scores; labels: (N,). Returns the final epoch's mean terms.
+    sims: (N, P) similarity scores; labels: (N,); class_weights: (K,) for CE, or None.
+    Returns the final epoch's mean terms.
     """
+    weight = None if class_weights is None else class_weights.to(model.last_layer.weight.device)
     set_stage(model, "last")
     w = model.last_layer.weight
     device = w.device
@@ -352,7 +367,7 @@ def train_last_layer(
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 logits = F.linear(sims[idx], w)  # (b, K)
-                ce = F.cross_entropy(logits, labels[idx])
+                ce = F.cross_entropy(logits, labels[idx], weight=weight)
                 l1 = last_layer_l1(w, ident)
                 loss = coefs.crs_ent * ce + coefs.l1 * l1
                 opt.zero_grad(set_to_none=True)

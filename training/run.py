@@ -205,6 +205,9 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = ddp_cuda_device(self.dist.local_rank, torch.cuda.device_count())
         self.channels_last = t.channels_last
+        self.class_weights = class_weights_for(cfg, self.splits, self.device)
+        # What picks the best checkpoint on the validation split.
+        self.select_by = "accuracy" if self.class_weights is None else "balanced_accuracy"
         self.model = create_model(self.arch, cfg.model.weights).to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -333,16 +336,23 @@ class Trainer:
         )
         return loader, sampler
 
-    def _validate(self) -> dict[str, float] | None:
+    def _validate(self) -> dict[str, Any] | None:
+        """Accuracy, balanced accuracy and the loss terms on the validation split."""
         if len(self.splits.val) == 0:
             return None
-        return engine.evaluate(
+        out = engine.evaluate(
             self.model,
             eval_loader(self.splits.val, self.prep, self.cfg),
             self.cfg.train.loss,
             self.device,
             self.channels_last,
+            confusion=True,
         )
+        confusion = out.pop("confusion")
+        out["balanced_accuracy"] = engine.class_report(confusion, self.class_names)[
+            "balanced_accuracy"
+        ]
+        return out
 
     def _sgd_unit(self, unit: Unit) -> dict[str, Any]:
         t = self.cfg.train
@@ -373,6 +383,7 @@ class Trainer:
             self.scaler,
             self.progress and self.dist.is_main,
             desc=f"epoch {unit.epoch} {stage}",
+            class_weights=self.class_weights,
         )
         self.pushed = False
         return {"train": train, "lr_factor": lr_factor, "val": self._validate()}
@@ -421,6 +432,7 @@ class Trainer:
             t.loss,
             t.last_layer_batch_size,
             seed=t.seed * 7919 + unit.epoch,
+            class_weights=self.class_weights,
         )
         return {"train": last, "val": self._validate()}
 
@@ -449,7 +461,7 @@ class Trainer:
             self.done += 1
             ran += 1
             if self.dist.is_main:
-                val = (out.get("val") or {}).get("accuracy")
+                val = (out.get("val") or {}).get(self.select_by)
                 if unit.kind == "last_layer" and (val is None or val > self.best_val):
                     self.best_val = -1.0 if val is None else val
                     self.save_best(unit)
@@ -471,7 +483,11 @@ class Trainer:
             self.class_names,
             self.records,
             self.maps,
-            extra={"epoch": unit.epoch, "val_accuracy": self.best_val},
+            extra={
+                "epoch": unit.epoch,
+                "val_accuracy": (self.history[-1].get("val") or {}).get("accuracy", -1.0),
+                "selected_by": {"metric": self.select_by, "value": self.best_val},
+            },
         )
 
     def _log(self, entry: dict[str, Any]) -> None:
@@ -513,6 +529,14 @@ class Trainer:
         loader = eval_loader(self.splits.test, self.prep, self.cfg)
         out = engine.evaluate(model, loader, self.cfg.train.loss, self.device, confusion=True)
         return metrics_from_test(out, self.class_names)
+
+
+def class_weights_for(cfg: RunConfig, splits: Splits, device: torch.device) -> torch.Tensor | None:
+    """The CE class weights ``cfg`` asks for (train.loss.class_weights), from the
+    training split's class counts; None for plain CE."""
+    if cfg.train.loss.class_weights != "balanced":
+        return None
+    return engine.balanced_class_weights(splits.train.class_counts()).to(device)
 
 
 def metrics_from_test(evaluated: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
@@ -583,6 +607,7 @@ def prune_checkpoint(
         cfg.train.loss,
         cfg.train.last_layer_batch_size,
         seed=cfg.train.seed,
+        class_weights=class_weights_for(cfg, splits, device),
     )
     val = (
         engine.evaluate(

@@ -79,3 +79,43 @@ def test_class_report_against_counting_by_hand() -> None:
         {"label": "c", "images": 0, "recall": None, "precision": None},
     ]
     assert report["balanced_accuracy"] == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+def test_balanced_weights_count_every_class_alike() -> None:
+    w = engine.balanced_class_weights([90, 10, 0])
+    assert w.tolist() == pytest.approx([100 / (2 * 90), 100 / (2 * 10), 0.0])
+    assert [float(w[0]) * 90, float(w[1]) * 10] == pytest.approx([50.0, 50.0])  # N / K' each
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    # The weighted CE is the weighted mean of the images' CE, counted by hand.
+    model = _model()
+    logits = torch.randn(100, 3, generator=torch.Generator().manual_seed(1))
+    min_d = torch.rand(100, 6)
+    terms = engine.loss_terms(model, logits, min_d, labels, LossCoefficients(), "joint", w)
+    each = -logits.log_softmax(1)[torch.arange(100), labels]
+    assert float(terms.ce) == pytest.approx(float((w[labels] * each).sum() / w[labels].sum()))
+
+
+def test_balanced_last_layer_finds_the_rare_class() -> None:
+    """900 common and 100 rare images whose scores overlap: plain CE buys accuracy by
+    giving the rare class up; balanced weights keep most of it, at the common class's
+    expense, the trade a screening model is trained for."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 900 + [1] * 100)
+    sims = torch.zeros(1000, 6)
+    sims[:, 0] = torch.where(labels == 0, 1.0, 0.4) + 0.5 * torch.randn(1000, generator=g)
+    sims[:, 2] = torch.where(labels == 1, 1.0, 0.4) + 0.5 * torch.randn(1000, generator=g)
+
+    def recalls(weights: torch.Tensor | None) -> tuple[float, float]:
+        model = _model()
+        with torch.no_grad():
+            model.last_layer.weight.zero_()
+        train_last_layer(
+            model, sims, labels, epochs=40, lr=0.05, coefs=LossCoefficients(l1=0.0),
+            class_weights=weights,
+        )  # fmt: skip
+        pred = (sims @ model.last_layer.weight.detach().t()).argmax(1)
+        return tuple(float((pred[labels == c] == c).float().mean()) for c in (0, 1))
+
+    (common, rare) = recalls(None)
+    (common_b, rare_b) = recalls(engine.balanced_class_weights([900, 100, 0]))
+    assert rare_b > rare + 0.25 and common_b > 0.6, (common, rare, common_b, rare_b)
