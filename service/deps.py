@@ -135,13 +135,14 @@ def _media_type(request: Request) -> str:
 
 ACCEPTED = (
     "send the image as multipart/form-data field 'image' (curl -F image=@photo.jpg) or as the "
-    "raw body with an image/* content type (curl -H 'Content-Type: image/jpeg' "
-    "--data-binary @photo.jpg)"
+    "raw body with an image/* or application/dicom content type (curl -H "
+    "'Content-Type: image/jpeg' --data-binary @photo.jpg)"
 )
+RAW_TYPES = ("application/dicom",)  # raw bodies accepted besides image/*
 
 
 async def read_upload(request: Request, settings: Settings) -> Upload:
-    """The image from a multipart field ``image`` or from a raw image/* body."""
+    """The image from a multipart field ``image`` or from a raw image/* (or DICOM) body."""
     limit = settings.max_upload_bytes
     media = _media_type(request)
     if media == "multipart/form-data":
@@ -152,7 +153,7 @@ async def read_upload(request: Request, settings: Settings) -> Upload:
     body = await read_body(request, limit)
     if not body:
         raise EmptyImageError(f"the request body is empty; {ACCEPTED}")
-    if not media.startswith("image/"):
+    if not (media.startswith("image/") or media in RAW_TYPES):
         shown = media or "(none)"
         raise UnsupportedMediaError(f"content type {shown} is not accepted; {ACCEPTED}")
     return Upload(data=body, content_type=media)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from protopnet.config import Preprocessing
+from protopnet.dicom import DicomError, DicomFile, is_dicom, open_dicom
 from protopnet.explain import display_size
 from protopnet.preprocess import model_input, to_model_mode
 from service.errors import BadImageError, EmptyImageError, TooManyPixelsError, UnsupportedMediaError
@@ -27,7 +28,7 @@ log = logging.getLogger("service.images")
 
 # Only these decoders ever see client bytes (Pillow knows many more, some rarely audited).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
-FORMATS_TEXT = "JPEG, PNG, GIF, BMP, TIFF, WebP"
+FORMATS_TEXT = "JPEG, PNG, GIF, BMP, TIFF, WebP, DICOM"
 
 
 def configure_pillow(max_pixels: int) -> None:
@@ -73,19 +74,24 @@ INLINE_PIXELS = 96 * 96
 INLINE_BYTES = 64 * 1024
 
 
-def is_small(img: Image.Image, nbytes: int, prep: Preprocessing) -> bool:
+def is_small(img: Image.Image | DicomFile, nbytes: int, prep: Preprocessing) -> bool:
     """Whether an opened upload of ``nbytes`` is cheap enough to decode right here."""
     w, h = img.size
     return nbytes <= INLINE_BYTES and max(w * h, prep.img_size**2) <= INLINE_PIXELS
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int) -> Image.Image | DicomFile:
     """Identify the format and check the declared size without decoding pixels."""
     if not data:
         raise EmptyImageError(
             "the request holds no image bytes; send the image as multipart field 'image' "
             "or as the raw body with an image/* content type"
         )
+    if is_dicom(data):
+        try:
+            return open_dicom(data, max_pixels)
+        except DicomError as e:
+            raise _dicom_error(e) from None
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -109,6 +115,14 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+def _dicom_error(e: DicomError) -> Exception:
+    if e.kind == "unsupported":
+        return UnsupportedMediaError(str(e))
+    if e.kind == "too_large":
+        return TooManyPixelsError(f"{e} (PROTOPNET_MAX_IMAGE_PIXELS)")
+    return BadImageError(str(e))
+
+
 def _oriented(img: Image.Image) -> tuple[Image.Image, int]:
     try:
         orientation = int(img.getexif().get(0x0112, 1) or 1)
@@ -129,16 +143,22 @@ def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, max_side: in
 
 
 def decode_opened(
-    img: Image.Image, prep: Preprocessing, max_pixels: int, max_side: int
+    img: Image.Image | DicomFile, prep: Preprocessing, max_pixels: int, max_side: int
 ) -> DecodedImage:
     """``decode_image`` after ``open_image`` (which only read the header).
 
-    Animated images: the first frame. JPEGs much larger than needed are decoded at a
+    Animated images and multi-frame DICOM: the first frame. DICOM is windowed as its
+    file says (``protopnet.dicom``). JPEGs much larger than needed are decoded at a
     reduced DCT scale (Pillow's draft mode), which is several times faster; sizes and
     boxes are still reported in the full image's pixels.
     """
     fmt, mode, received = str(img.format), img.mode, img.size
     frames = int(getattr(img, "n_frames", 1) or 1)
+    if isinstance(img, DicomFile):
+        try:
+            img = img.decode()
+        except DicomError as e:
+            raise _dicom_error(e) from None
     try:
         if frames > 1:
             img.seek(0)

@@ -21,11 +21,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from protopnet.dicom import DicomError, open_dicom
 from protopnet.errors import ProtoPNetError
 from training import synthetic
 from training.config import DataConfig
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", *DICOM_EXTENSIONS,
+)  # fmt: skip
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -148,9 +152,11 @@ class FileImages(ImageSet):
     def load(self, i: int) -> Image.Image:
         path = self.root / self.rel_paths[i]
         try:
-            img: Image.Image = Image.open(path)
+            img: Image.Image = (
+                open_dicom(path.read_bytes()).decode() if _is_dicom(path) else Image.open(path)
+            )
             img.load()
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError, DicomError) as exc:
             raise DatasetError(
                 f"cannot read image {str(path)!r}: {exc}; `python -m training check` lists "
                 "every such file"
@@ -168,6 +174,10 @@ class FileImages(ImageSet):
 
     def image_path(self, i: int) -> str | None:
         return self.rel_paths[i]
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() in DICOM_EXTENSIONS
 
 
 def file_path(images: ImageSet, i: int) -> Path | None:
@@ -194,9 +204,12 @@ def header_problems(images: ImageSet) -> list[tuple[str, str]]:
         if path is None:
             return []
         try:
-            with Image.open(path):
-                pass
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            if _is_dicom(path):
+                open_dicom(path.read_bytes())
+            else:
+                with Image.open(path):
+                    pass
+        except (OSError, ValueError, Image.DecompressionBombError, DicomError) as exc:
             out.append((str(path), read_error(exc)))
     return out
 

@@ -40,6 +40,7 @@ def image_body(with_options: bool) -> dict:
                     "schema": {"type": "object", "properties": props, "required": ["image"]}
                 },
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/dicom": {"schema": {"type": "string", "format": "binary"}},
             },
         }
     }

@@ -64,6 +64,7 @@ _BODY = {
         "content": {
             "application/json": {"schema": _inlined_schema(KServeRequest.model_json_schema())},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }

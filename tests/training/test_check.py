@@ -15,12 +15,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from tests.dicom_files import dicom_bytes, hounsfield_phantom, window_by_hand
 from tests.training.conftest import run_cli
 from training.check import check_dataset
 from training.config import load_config
-from training.data import build_splits
+from training.data import DatasetError, build_splits
 
 CLASSES = ("cat", "dog")
 
@@ -148,3 +150,26 @@ def test_in_memory_sets_compare_pixels(tmp_path: Path) -> None:
     assert report.errors == 0 and report.unreadable == []
     assert sum(report.counts["train"]) == 4 * len(report.classes)
     assert report.leaks == []  # the synthetic generator draws test images apart
+
+
+def test_dicom_folders_load_windowed_and_are_checked(tmp_path: Path) -> None:
+    """A folder of .dcm slices trains like any other: each loads as its window shows it,
+    and a cut file is caught by the header check before training."""
+    root = tmp_path / "data"
+    slices = {"air": hounsfield_phantom(32) * 0 + 24, "disc": hounsfield_phantom(32)}
+    for split in ("train", "test"):
+        for k, stored in slices.items():
+            (root / split / k).mkdir(parents=True)
+            for i in range(3):
+                (root / split / k / f"{i}.dcm").write_bytes(dicom_bytes(np.roll(stored, i, 1)))
+    cfg = load_config(str(write_config(root, tmp_path)))
+    splits = build_splits(cfg.data, seed=0)
+    i = next(i for i in range(len(splits.train)) if splits.train.image_id(i) == "disc/0.dcm")
+    seen = np.asarray(splits.train.load(i), dtype=float)
+    expected = window_by_hand(slices["disc"].astype(float) - 1024, 40.0, 400.0)
+    assert np.abs(seen - expected).max() <= 0.51
+    report = check_dataset(cfg.data, threads=2, progress=False)
+    assert report.errors == 0 and report.modes["train"] == {"L": 6}
+    (root / "train/disc/0.dcm").write_bytes(dicom_bytes(slices["disc"])[:300])
+    with pytest.raises(DatasetError, match=r"1 image files cannot be read .*disc/0\.dcm"):
+        build_splits(cfg.data, seed=0)
