@@ -79,7 +79,7 @@ def test_readiness_keys_cors_and_request_ids(tmp_path: Path) -> None:
                 "/explain" in spec["paths"] and "ExplainResponse" in spec["components"]["schemas"]
             )
             body = spec["paths"]["/explain"]["post"]["requestBody"]["content"]
-            assert set(body) == {"multipart/form-data", "image/*"}
+            assert set(body) == {"multipart/form-data", "image/*", "application/dicom"}
         log = srv.log()
         assert '"request_id": "trace-42"' in log  # structured access log carries the id
     finally:
