@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import pydicom
@@ -40,10 +40,10 @@ def is_dicom(data: bytes) -> bool:
 
 @dataclass
 class DicomFile:
-    """A DICOM file whose header has been read, pixels not yet decoded."""
+    """A parsed DICOM file whose pixels are not decoded yet (nor, when they are large,
+    read: pydicom defers them until ``decode``)."""
 
-    data: bytes
-    dataset: pydicom.Dataset  # the header, up to the pixel data
+    dataset: pydicom.Dataset
     size: tuple[int, int]  # (width, height)
     n_frames: int
     transfer_syntax: str  # its name, e.g. "Explicit VR Little Endian"
@@ -58,9 +58,9 @@ class DicomFile:
 
     def decode(self) -> Image.Image:
         """The first frame, windowed to 8 bits: "L" for greyscale, "RGB" for colour."""
+        ds = self.dataset
         try:
-            ds = pydicom.dcmread(io.BytesIO(self.data))
-            arr = ds.pixel_array if self.n_frames == 1 else _first_frame(ds)
+            arr = pydicom.pixels.pixel_array(ds, index=0)
         except (NotImplementedError, RuntimeError) as e:
             # pydicom: no decoder installed for this compression, or every one failed.
             if isinstance(e, NotImplementedError) or "missing dependencies" in str(e):
@@ -93,10 +93,6 @@ class DicomFile:
         return Image.fromarray(grey, "L")
 
 
-def _first_frame(ds: pydicom.Dataset) -> np.ndarray:
-    return pydicom.pixels.pixel_array(ds, index=0)
-
-
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
@@ -104,10 +100,17 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return (arr.astype(np.float64) * (255.0 / hi)).round().clip(0, 255).astype(np.uint8)
 
 
-def open_dicom(data: bytes, max_pixels: int | None = None) -> DicomFile:
-    """Read the header (not the pixels) and check the declared size."""
+DEFER_BYTES = 64 * 1024  # values this large (the pixel data) are read only when used
+
+
+def open_dicom(source: bytes | BinaryIO, max_pixels: int | None = None) -> DicomFile:
+    """Parse the file once, its pixel data deferred, and check the declared size.
+
+    ``source``: the file's bytes, or an open binary file (enough for the header; it must
+    stay open until ``decode``)."""
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        ds = pydicom.dcmread(stream, defer_size=DEFER_BYTES)
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (InvalidDicomError, ValueError, AttributeError, KeyError, OSError, EOFError) as e:
         raise DicomError(f"could not read the DICOM header: {e}", "corrupt") from None
@@ -122,4 +125,4 @@ def open_dicom(data: bytes, max_pixels: int | None = None) -> DicomFile:
         )
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     name = syntax.name if syntax is not None else "an unknown transfer syntax"
-    return DicomFile(data, ds, (cols, rows), frames, name)
+    return DicomFile(ds, (cols, rows), frames, name)

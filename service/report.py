@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from model_store.manifest import Metrics
+from model_store.manifest import ClassMetrics, Metrics
 from model_store.store import ImageKind
 from service import render
 from service.schemas import ExplainResponse
@@ -81,27 +81,14 @@ class ReportSheet:
     total: float
 
 
-@dataclass
-class ClassRecord:
-    """How the model did on its test split for the class it answered, as published."""
-
-    label: str
-    images: int  # test images of the class
-    recall: float  # share of them it gave this class (sensitivity)
-    precision: float | None  # share of its answers of this class that were right
-    accuracy: float | None  # over all classes
-
-
-def class_record(metrics: Metrics | None, class_index: int) -> ClassRecord | None:
-    """The record for ``class_index``, or None when the model was published without
-    per-class figures (or the class had no test image)."""
+def class_record(metrics: Metrics | None, class_index: int) -> ClassMetrics | None:
+    """The published test figures of ``class_index``, or None when the version has none
+    (published before they were measured) or the class had no test image."""
     per_class = metrics.test_per_class if metrics is not None else None
-    if metrics is None or not per_class or class_index >= len(per_class):
+    if not per_class or class_index >= len(per_class):
         return None
     c = per_class[class_index]
-    if c.recall is None:
-        return None
-    return ClassRecord(c.label, c.images, c.recall, c.precision, metrics.test_accuracy)
+    return c if c.recall is not None else None
 
 
 def render_report(
@@ -174,6 +161,7 @@ def render_report(
         missing_runner_up=runner_up is None,
         sheets=sheets,
         tested=class_record(metrics, resp.prediction.class_index),
+        test_accuracy=metrics.test_accuracy if metrics is not None else None,
         boxes_uri=data_uri(render.boxes_image(rd, image)),
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )

@@ -23,7 +23,7 @@ import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -82,20 +82,8 @@ class DataReport:
         return len(self.leaks) + sum(self.duplicates.values())
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.errors == 0,
-            "errors": self.errors,
-            "warnings": self.warnings,
-            "classes": self.classes,
-            "counts": self.counts,
-            "sizes": self.sizes,
-            "modes": self.modes,
-            "unreadable": self.unreadable,
-            "empty_classes": self.empty_classes,
-            "conflicts": self.conflicts,
-            "leaks": self.leaks,
-            "duplicates": self.duplicates,
-        }
+        counts = {"ok": self.errors == 0, "errors": self.errors, "warnings": self.warnings}
+        return counts | asdict(self)
 
     def lines(self) -> Iterator[str]:
         """The report for a person, most important first."""

@@ -205,7 +205,8 @@ def header_problems(images: ImageSet) -> list[tuple[str, str]]:
             return []
         try:
             if _is_dicom(path):
-                open_dicom(path.read_bytes())
+                with path.open("rb") as f:
+                    open_dicom(f)  # reads the header; the pixel data is deferred
             else:
                 with Image.open(path):
                     pass

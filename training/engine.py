@@ -172,8 +172,9 @@ class _Sums:
         self.total: dict[str, float] = {}
         self.n = 0
         self.correct = 0
-        k = num_classes or 0
-        self.confusion = torch.zeros(k * k, dtype=torch.int64) if num_classes else None
+        self.confusion = (
+            torch.zeros(num_classes, num_classes, dtype=torch.int64) if num_classes else None
+        )
 
     def add(self, terms: LossTerms, logits: torch.Tensor, labels: torch.Tensor) -> None:
         b = int(labels.shape[0])
@@ -181,9 +182,9 @@ class _Sums:
         pred = logits.argmax(dim=1)
         self.correct += int((pred == labels).sum())
         if self.confusion is not None:
-            n_cls = logits.shape[1]
-            cells = (labels * n_cls + pred).cpu()
-            self.confusion += torch.bincount(cells, minlength=n_cls * n_cls)
+            n = self.confusion.shape[0]
+            cells = (labels * n + pred).cpu()
+            self.confusion += torch.bincount(cells, minlength=n * n).view(n, n)
         for k in ("loss", "ce", "cluster", "separation", "avg_separation", "l1"):
             self.total[k] = self.total.get(k, 0.0) + float(getattr(terms, k).detach()) * b
 
@@ -192,8 +193,7 @@ class _Sums:
         out["accuracy"] = self.correct / max(self.n, 1)
         out["images"] = float(self.n)
         if self.confusion is not None:
-            k = math.isqrt(self.confusion.numel())
-            out["confusion"] = self.confusion.view(k, k).tolist()
+            out["confusion"] = self.confusion.tolist()
         return out
 
 
