@@ -25,7 +25,7 @@ from PIL import Image
 from model_store import ModelStore
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.explain import PrototypeExplainer
-from protopnet.model import create_model
+from protopnet.model import create_model, distance_to_similarity, l2_distances
 from protopnet.preprocess import eval_transform
 from tests.service.conftest import (
     RedisProcess,
@@ -65,6 +65,31 @@ def _boxes_close(a: torch.Tensor, b: torch.Tensor, px: int) -> None:
     threshold may fall on either side, so edges may move by a pixel or so."""
     assert a.shape == b.shape
     assert int((a - b).abs().max()) <= px, (a.tolist(), b.tolist())
+
+
+def test_a_patch_equal_to_a_prototype_scores_the_top_similarity_under_tf32() -> None:
+    """With cuDNN's default (TF32 convolutions) on, as in training, distances still come
+    out in true float32. When they were convolutions, a patch identical to a prototype
+    scored 7.4 instead of 9.2 on an H100: TF32 moved d by about 5e-4 where the log
+    activation is steepest (by 0.04 on these features, simulated on a CPU)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        g = torch.Generator().manual_seed(0)
+        z = torch.rand(2, 128, 7, 7, generator=g)  # like the add-on layers' sigmoid output
+        protos = torch.stack([z[0, :, 3, 4], z[1, :, 0, 6]]).view(2, 128, 1, 1).clone()
+        d = l2_distances(z.to(CUDA), protos.to(CUDA)).cpu()
+        sim = distance_to_similarity(d, "log", 1e-4)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    # log((0 + 1) / (0 + 1e-4)) = 9.21. float32's own cancellation leaves d a few 1e-6
+    # off on a CPU (9.0-9.2 over seeds); TF32's leaves it about 1e-3 off (6.9 at most).
+    top = math.log(1e4)
+    assert float(sim[0, 0, 3, 4]) > top - 0.5, float(sim[0, 0, 3, 4])
+    assert float(sim[1, 1, 0, 6]) > top - 0.5, float(sim[1, 1, 0, 6])
+    np.testing.assert_allclose(
+        d.numpy(), l2_distances(z.double(), protos.double()).numpy(), atol=1e-4
+    )
 
 
 @pytest.mark.usefixtures("exact_fp32")
@@ -189,7 +214,8 @@ def test_service_on_cuda_answers_as_the_cpu_service(
             g = http.post(gpu.url + "/explain", files=files).json()
             c = http.post(cpu.url + "/explain", files=files).json()
             assert g["prediction"]["class_index"] == c["prediction"]["class_index"]
-            # The server keeps cuDNN's TF32 default: close, not bit-equal.
+            # True float32 on both (PROTOPNET_ALLOW_TF32 is off), but summation orders
+            # differ, and near a match the log activation magnifies d's last bits.
             gl = [t["logit"] for t in g["top_classes"]]
             cl = [t["logit"] for t in c["top_classes"]]
             np.testing.assert_allclose(gl, cl, rtol=2e-2, atol=2e-2)

@@ -32,7 +32,7 @@ def test_l2_distances_match_patch_loops(proto_size: tuple[int, int]) -> None:
     h1, w1 = proto_size
     z = torch.rand(2, 4, 5, 6, dtype=torch.float64)
     protos = torch.rand(3, 4, h1, w1, dtype=torch.float64)
-    got = l2_distances(z, protos, torch.ones_like(protos))
+    got = l2_distances(z, protos)
     ref = patch_distances(z.numpy(), protos.numpy())
     assert got.shape == (2, 3, 5 - h1 + 1, 6 - w1 + 1)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-10)
@@ -49,12 +49,12 @@ def test_distances_never_negative_even_at_an_exact_match() -> None:
     # sum(z^2) - 2<z,p> + ||p||^2 cancels in float32 and can dip below 0 without the clamp.
     z = torch.rand(1, 512, 4, 4)
     protos = torch.stack([z[0, :, 1, 2], z[0, :, 3, 0]]).view(2, 512, 1, 1).clone()
-    d = l2_distances(z, protos, torch.ones_like(protos))
+    d = l2_distances(z, protos)
     assert float(d.min()) >= 0.0
     assert float(d[0, 0, 1, 2]) < 1e-3 and float(d[0, 1, 3, 0]) < 1e-3
     big = 100 + torch.rand(1, 64, 4, 4)  # cancellation of order 0.1 here
     big_p = big[0, :, 2, 2].reshape(1, 64, 1, 1).clone()
-    assert float(l2_distances(big, big_p, torch.ones_like(big_p)).min()) >= 0.0
+    assert float(l2_distances(big, big_p).min()) >= 0.0
     # An exact match has the maximal similarity, about 9.21 = log(1 / 1e-4).
     sim = distance_to_similarity(torch.zeros(1), "log", 1e-4)
     assert float(sim) == pytest.approx(math.log(1e4), rel=1e-6)

@@ -46,7 +46,7 @@ def stream(
     start = 0
     for bs in batch_sizes:
         sl = slice(start, start + bs)
-        d = l2_distances(feats[sl], protos, torch.ones_like(protos))
+        d = l2_distances(feats[sl], protos)
         search.update(d, feats[sl], labels[sl], torch.arange(start, start + bs) + 100)
         start += bs
     assert start == feats.shape[0]
