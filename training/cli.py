@@ -162,7 +162,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = validate_config(apply_overrides(load_raw(path), args.overrides), str(path))
     else:
         cfg = load_config(args.config, args.overrides)
-    dist = init_distributed()
+    from training.engine import pick_device
+
+    dist = init_distributed(cuda=pick_device(cfg.train.device).type == "cuda")
     try:
         trainer = Trainer(cfg, args.run_dir, progress=not args.no_progress, dist=dist)
         summary = trainer.run(resume=args.resume, max_units=args.max_units)

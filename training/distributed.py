@@ -31,16 +31,22 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group when launched by torchrun; a no-op otherwise."""
+def init_distributed(cuda: bool) -> DistInfo:
+    """Join the process group when launched by torchrun; a no-op otherwise.
+
+    ``cuda``: whether the run trains on GPUs (NCCL, one GPU per process). A run on the
+    CPU uses gloo and leaves CUDA alone, also on a machine that has fewer GPUs than
+    processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
+        if cuda:
+            from training.run import ddp_cuda_device  # run imports this module
+
+            torch.cuda.set_device(ddp_cuda_device(local, torch.cuda.device_count()))
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")

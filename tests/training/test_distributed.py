@@ -67,3 +67,34 @@ def test_more_processes_than_gpus_is_a_clear_error() -> None:
     assert ddp_cuda_device(1, 2) == torch.device("cuda", 1)
     with pytest.raises(RunError, match=r"local rank 1 but the node has 1 GPU.*--nproc_per_node=1"):
         ddp_cuda_device(1, 1)
+
+
+def test_a_cpu_run_on_a_gpu_machine_uses_gloo_and_leaves_cuda_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two gloo processes on a one-GPU machine: rank 1 once asked CUDA for device 1 and
+    died with "invalid device ordinal" (seen on an H100). Process-group start is faked:
+    the test above starts real processes."""
+    import torch.distributed as dist
+
+    from training.distributed import init_distributed
+
+    backends: list[str] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def no_cuda(device: object) -> None:
+        raise AssertionError(f"CUDA device {device} set for a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "set_device", no_cuda)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = init_distributed(cuda=False)
+    assert backends == ["gloo"] and info.local_rank == 1 and info.enabled
+    # On GPUs, more processes than GPUs stops before any process group is joined.
+    with pytest.raises(RunError, match="needs one GPU per process"):
+        init_distributed(cuda=True)
+    assert backends == ["gloo"]
