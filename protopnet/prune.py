@@ -32,5 +32,9 @@ class KNearestImages:
         d = torch.cat([self.distance, min_distances.float().cpu().t()], dim=1)  # (P, k + B)
         lab = torch.cat([self.labels, labels.cpu().view(1, -1).expand(d.shape[0], -1)], dim=1)
         k = min(self.k, d.shape[1])
-        self.distance, idx = d.topk(k, dim=1, largest=False)
+        # A stable sort, not topk (whose order among equals is unspecified): at equal
+        # distances the earlier image wins, since kept ones come first, so the same
+        # images give the same prune in any batch size.
+        d, idx = d.sort(dim=1, stable=True)
+        self.distance, idx = d[:, :k], idx[:, :k]
         self.labels = lab.gather(1, idx)

@@ -47,6 +47,20 @@ def test_k_nearest_images_and_pruning_rule_match_brute_force() -> None:
     assert 0 < len(got) < len(classes)  # the test exercises both keep and prune
 
 
+def test_equal_distances_go_to_the_earlier_image_in_any_batching() -> None:
+    """Images 1 to 4 are equally near the prototype and k = 2 holds image 0 and one of
+    them: the earliest, image 1 (label 1), whether they come in one batch or one by one.
+    (An untrained model's distances to a pushed prototype tied exactly like this.)"""
+    d = torch.tensor([[0.5], [1.0], [1.0], [1.0], [1.0]])  # (N, P = 1)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    for batch in (5, 2, 1):
+        knn = KNearestImages(1, k=2)
+        for i in range(0, 5, batch):
+            knn.update(d[i : i + batch], labels[i : i + batch])
+        assert knn.labels.tolist() == [[0, 1]], batch
+        assert knn.distance.tolist() == [[0.5, 1.0]]
+
+
 def test_pruning_rule_threshold_is_strictly_fewer_than_tau() -> None:
     nearest = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     assert prototypes_to_prune(nearest, torch.tensor([0, 0, 1]), tau=3) == [1]
