@@ -36,7 +36,7 @@ def positive_linear_copy(module: nn.Module) -> nn.Module:
                     child.bias.zero_()
         elif isinstance(child, nn.BatchNorm2d):
             child.reset_parameters()  # running mean 0, var 1, weight 1, bias 0
-            child.eps = 0.0
+            child.eps = 1e-12  # x / sqrt(1 + eps): the identity, as near as torch allows
     return m
 
 

@@ -7,6 +7,7 @@ image leaves out, or a service import of ``training`` (not in the image), fails 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -68,9 +69,14 @@ def image_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def image_python(site: Path) -> tuple[list[str], dict[str, str]]:
     """The interpreter as the image has it: ``-S`` keeps the checkout's editable install
-    (a .pth file) out; the installed copy comes first, then the third-party packages."""
-    deps = sysconfig.get_paths()["purelib"]
-    return [sys.executable, "-S"], {"PYTHONPATH": f"{site}:{deps}"}
+    (a .pth file) out; the installed copy comes first, then the third-party packages:
+    the interpreter's own, and those on this PYTHONPATH (where a machine keeps them
+    there, as the GPU machines' wheels do) except the checkout itself."""
+    deps = [sysconfig.get_paths()["purelib"]]
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and Path(entry).resolve() != REPO.resolve():
+            deps.append(entry)
+    return [sys.executable, "-S"], {"PYTHONPATH": os.pathsep.join([str(site), *deps])}
 
 
 def test_only_the_installed_copy_is_importable(image_site: Path, tmp_path: Path) -> None:
