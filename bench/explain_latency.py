@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 import torch
 
-from bench.common import device_name, p50, write_result
+from bench.common import device_name, p50, seconds_of, write_result
 from bench.serving import ModelSource, RequestImages, demo_model, serve, vgg19_model
 from protopnet.threads import use_torch_threads
 from service.deps import resolve_options
@@ -93,19 +93,22 @@ async def _measure(
             # decoded image on the model's thread, the forward with its maps, then top
             # classes and prototypes, upsampled maps, boxes, sheets and JSON (and the
             # render blob kept for the PNGs). No hash, cache, decode or thread hand-off.
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                fwd = served._run_batch(decoded.tensor[None])[0]
-            svc._finish(served, decoded, "0" * 64, "0" * 32, 3, 10, "", fwd)
-            return time.perf_counter() - t0
+            def run() -> None:
+                with torch.inference_mode():
+                    fwd = served._run_batch(decoded.tensor[None])[0]
+                svc._finish(served, decoded, "0" * 64, "0" * 32, 3, 10, "", fwd)
+
+            return seconds_of(run, x.device)
 
         def forward() -> float:
             # Timed on the model's own thread, where the service runs it, without the
-            # hand-off there and back (the explain column pays those).
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                model(x)
-            return time.perf_counter() - t0
+            # hand-off there and back (the explain column pays those). On a GPU, until
+            # its queued kernels end.
+            def run() -> None:
+                with torch.inference_mode():
+                    model(x)
+
+            return seconds_of(run, x.device)
 
         async def explain(upload: bytes, heatmaps: str) -> bytes:
             # The route's work after reading the upload: options, model, explain, present.

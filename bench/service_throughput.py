@@ -26,7 +26,7 @@ import httpx
 
 from bench.common import device_name, write_result
 from bench.serving import RequestImages as Images
-from bench.serving import demo_model, metric_sum, run_load, serve
+from bench.serving import demo_model, metric_sum, run_load, serve, vgg19_model
 from model_store import ModelStore
 
 MODES: dict[str, dict[str, Any]] = {"batched": {}, "unbatched": {"max_batch": 1}}
@@ -47,8 +47,12 @@ def measure(
     duration_s: float,
     warmup_s: float,
     store_root: Path | None = None,
+    model: str = "demo",
 ) -> dict[str, Any]:
-    source = demo_model(tmp / "store", store_root)
+    if model == "vgg19":
+        source = vgg19_model(tmp / "store")
+    else:
+        source = demo_model(tmp / "store", store_root)
     label = source.resolved()
     images = Images(ModelStore(source.store).load(source.ref).manifest.preprocessing)
     out: dict[str, Any] = {
@@ -106,20 +110,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=float, default=2.0, help="untimed seconds per setting")
     ap.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
     ap.add_argument("--store", type=Path, help="store with the trained demo (default ./store)")
+    ap.add_argument(
+        "--model",
+        choices=("demo", "vgg19"),
+        default="demo",
+        help="the demo model, or a VGG-19 ProtoPNet at 224 px (random weights; where a GPU "
+        "does the forward, the batcher has something to gain); writes "
+        "service_throughput.json or service_throughput_vgg19.json",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
     clients = sorted({int(c) for c in args.clients.split(",")})
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as d:
         result: dict[str, Any] = {"device": device_name()}
-        result.update(measure(Path(d), clients, args.duration, args.warmup, args.store))
+        result.update(measure(Path(d), clients, args.duration, args.warmup, args.store, args.model))
     hi, lo = max(clients), min(clients)
     print(
         f"{hi} vs {lo} clients: batched x{result['modes']['batched'][f'ratio_{hi}_vs_{lo}_clients']}"
         f", unbatched x{result['modes']['unbatched'][f'ratio_{hi}_vs_{lo}_clients']}; "
         f"batched vs unbatched at {hi} clients x{result[f'batched_vs_unbatched_{hi}_clients']}"
     )
-    write_result("service_throughput", result)
+    write_result("service_throughput" + ("" if args.model == "demo" else "_vgg19"), result)
     return result
 
 

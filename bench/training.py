@@ -95,11 +95,22 @@ def measure(name: str, case: dict[str, Any], steps: int, device: torch.device) -
         loss.backward()
         base_opt.step()
 
+    steps_by_name = {"protopnet": proto_step, "baseline": base_step}
+    if amp is not None:  # the same step in float32, to show what mixed precision buys
+        forward_fp32 = engine.TrainForward(model, None)
+
+        def proto_fp32_step(x: torch.Tensor, y: torch.Tensor) -> None:
+            logits, min_d = forward_fp32(x)
+            terms = engine.loss_terms(model, logits, min_d, y, coefs, "joint")
+            opt.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            opt.step()
+
+        steps_by_name["protopnet_fp32"] = proto_fp32_step
+
     x = torch.randn(B, 3, S, S, device=device).contiguous(memory_format=memory_format)
     y = torch.arange(B, device=device) % arch.num_classes
-    times = _interleaved_step_times(
-        {"protopnet": proto_step, "baseline": base_step}, x, y, steps, device
-    )
+    times = _interleaved_step_times(steps_by_name, x, y, steps, device)
     proto, baseline = times["protopnet"], times["baseline"]
     out: dict[str, Any] = {
         "case": name,
@@ -112,6 +123,10 @@ def measure(name: str, case: dict[str, Any], steps: int, device: torch.device) -
         "baseline_images_per_s": round(B / p50(baseline), 1),
         "protopnet_over_baseline": round(p50(proto) / p50(baseline), 2),
     }
+    if "protopnet_fp32" in times:
+        fp32 = p50(times["protopnet_fp32"])
+        out["protopnet_fp32_images_per_s"] = round(B / fp32, 1)
+        out["amp_speedup"] = round(fp32 / p50(proto), 2)
     if cfg is not None:  # a real epoch slice: DataLoader, augmentation, the engine's loop
         n = min(len(splits.train), B * steps * 2)
         ds = TransformedImages(
@@ -143,9 +158,16 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("vgg") and device.type == "cpu"
             else args.steps
         )
-        r = measure(name, cases[name], steps, device)
+        case = cases[name]
+        if name.startswith("vgg") and device.type == "cuda":
+            case = {**case, "batch": 80}  # the reference's training batch; 8 starves a GPU
+        r = measure(name, case, steps, device)
         results.append(r)
         epoch = f", epoch {r['epoch_images_per_s']:.0f} img/s" if "epoch_images_per_s" in r else ""
+        if "amp_speedup" in r:
+            epoch += (
+                f", float32 {r['protopnet_fp32_images_per_s']:.1f} img/s (AMP x{r['amp_speedup']})"
+            )
         print(
             f"{name:10s} joint step {r['protopnet_images_per_s']:8.1f} img/s | baseline "
             f"{r['baseline_images_per_s']:8.1f} img/s | x{r['protopnet_over_baseline']}{epoch}",
