@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,12 +79,15 @@ def measure(name: str, case: dict[str, Any], steps: int, device: torch.device) -
     forward = engine.TrainForward(model, amp)
     opt = engine.joint_optimizer(model, load_config("synthetic").train.lr)
 
-    def proto_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        logits, min_d = forward(x)
-        terms = engine.loss_terms(model, logits, min_d, y, coefs, "joint")
-        opt.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        opt.step()
+    def proto_step_with(fwd: engine.TrainForward) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            logits, min_d = fwd(x)
+            terms = engine.loss_terms(model, logits, min_d, y, coefs, "joint")
+            opt.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            opt.step()
+
+        return step
 
     base = Baseline(arch.backbone, arch.num_classes).to(device).to(memory_format=memory_format)
     base_opt = torch.optim.Adam(base.parameters(), lr=1e-4)
@@ -95,18 +99,9 @@ def measure(name: str, case: dict[str, Any], steps: int, device: torch.device) -
         loss.backward()
         base_opt.step()
 
-    steps_by_name = {"protopnet": proto_step, "baseline": base_step}
+    steps_by_name = {"protopnet": proto_step_with(forward), "baseline": base_step}
     if amp is not None:  # the same step in float32, to show what mixed precision buys
-        forward_fp32 = engine.TrainForward(model, None)
-
-        def proto_fp32_step(x: torch.Tensor, y: torch.Tensor) -> None:
-            logits, min_d = forward_fp32(x)
-            terms = engine.loss_terms(model, logits, min_d, y, coefs, "joint")
-            opt.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            opt.step()
-
-        steps_by_name["protopnet_fp32"] = proto_fp32_step
+        steps_by_name["protopnet_fp32"] = proto_step_with(engine.TrainForward(model, None))
 
     x = torch.randn(B, 3, S, S, device=device).contiguous(memory_format=memory_format)
     y = torch.arange(B, device=device) % arch.num_classes

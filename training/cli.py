@@ -162,9 +162,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = validate_config(apply_overrides(load_raw(path), args.overrides), str(path))
     else:
         cfg = load_config(args.config, args.overrides)
-    from training.engine import pick_device
+    import torch
 
-    dist = init_distributed(cuda=pick_device(cfg.train.device).type == "cuda")
+    # Without touching a GPU: each process takes its own in init_distributed, and
+    # asking for the current device here would open a context on GPU 0 in every one.
+    dist = init_distributed(cuda=cfg.train.device != "cpu" and torch.cuda.is_available())
     try:
         trainer = Trainer(cfg, args.run_dir, progress=not args.no_progress, dist=dist)
         summary = trainer.run(resume=args.resume, max_units=args.max_units)
