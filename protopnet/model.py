@@ -72,6 +72,13 @@ def last_layer_init(identity: torch.Tensor, incorrect_strength: float = -0.5) ->
     return pos + incorrect_strength * (1 - pos)
 
 
+def patch_columns(z: torch.Tensor, h1: int, w1: int) -> torch.Tensor:
+    """(B, D, H, W) -> (B, D*h1*w1, L): every h1 x w1 patch as a column, its values in a
+    prototype's (D, h1, w1) order; L = (H - h1 + 1) * (W - w1 + 1), row-major."""
+    B, D, H, W = z.shape
+    return z.reshape(B, D, H * W) if h1 == w1 == 1 else F.unfold(z, (h1, w1))
+
+
 def l2_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Squared L2 distance of every prototype to every h1 x w1 patch of z.
 
@@ -85,11 +92,10 @@ def l2_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     scored 7.4 instead of 9.2. Matrix products stay in true float32 unless a caller
     lowers ``torch.set_float32_matmul_precision`` itself.
     """
-    B, D, H, W = z.shape
+    B, _, H, W = z.shape
     P, _, h1, w1 = prototypes.shape
     Ho, Wo = H - h1 + 1, W - w1 + 1
-    # (B, D*h1*w1, L): each patch's values in the prototypes' (D, h1, w1) order.
-    cols = z.reshape(B, D, H * W) if h1 == w1 == 1 else F.unfold(z, (h1, w1))
+    cols = patch_columns(z, h1, w1)  # (B, D*h1*w1, L)
     flat = prototypes.reshape(P, -1)  # (P, D*h1*w1)
     z2 = (cols * cols).sum(dim=1, keepdim=True)  # (B, 1, L)
     zp = torch.matmul(flat, cols)  # (B, P, L)

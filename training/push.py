@@ -30,7 +30,7 @@ from model_store import PrototypeRecord, PrototypeVisuals
 from protopnet.config import Preprocessing
 from protopnet.errors import ProtoPNetError
 from protopnet.explain import percentile_boxes, place_maps
-from protopnet.model import ProtoPNet
+from protopnet.model import ProtoPNet, patch_columns
 from protopnet.preprocess import eval_transform, to_model_mode
 from protopnet.push import NearestPatches, NearestPatchSearch
 from protopnet.threads import use_torch_threads
@@ -63,15 +63,18 @@ class PushResult:
 def self_distance_maps(latents: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Distance map of prototype j over its own source image's latent map, for all j.
 
-    latents: (J, D, H, W), prototypes: (J, D, h1, w1) -> (J, H', W'), one grouped
-    convolution per term of ||z - p||^2 = sum(z^2) - 2 <z, p> + ||p||^2.
+    latents: (J, D, H, W), prototypes: (J, D, h1, w1) -> (J, H', W'). As in
+    ``l2_distances``, the cross term is a (batched) matrix product, so it stays true
+    float32 on a GPU where cuDNN would run a convolution in TF32.
     """
-    J, D, H, W = latents.shape
-    z = latents.reshape(1, J * D, H, W)
-    z2 = F.conv2d(z * z, torch.ones_like(prototypes), groups=J)  # (1, J, H', W')
-    zp = F.conv2d(z, prototypes, groups=J)  # (1, J, H', W')
-    p2 = (prototypes * prototypes).sum(dim=(1, 2, 3)).view(1, J, 1, 1)
-    return F.relu(z2 - 2 * zp + p2)[0]
+    J, _, H, W = latents.shape
+    _, _, h1, w1 = prototypes.shape
+    cols = patch_columns(latents, h1, w1)  # (J, K, L)
+    flat = prototypes.reshape(J, 1, -1)  # (J, 1, K)
+    z2 = (cols * cols).sum(dim=1, keepdim=True)  # (J, 1, L)
+    p2 = (flat * flat).sum(dim=2, keepdim=True)  # (J, 1, 1)
+    d = F.relu(z2 - 2 * torch.bmm(flat, cols) + p2)  # (J, 1, L)
+    return d.view(J, H - h1 + 1, W - w1 + 1)
 
 
 # On the CPU the trunk runs a loader batch a few images at a time: about this many input

@@ -39,7 +39,7 @@ from tests.training.conftest import TINY
 from tests.training.test_push import model_and_images
 from training.checkpoint import load_checkpoint
 from training.config import load_config
-from training.push import push_prototypes
+from training.push import push_prototypes, self_distance_maps
 from training.run import Trainer, plan_units
 
 pytestmark = pytest.mark.skipif(
@@ -80,6 +80,8 @@ def test_a_patch_equal_to_a_prototype_scores_the_top_similarity_under_tf32() -> 
         protos = torch.stack([z[0, :, 3, 4], z[1, :, 0, 6]]).view(2, 128, 1, 1).clone()
         d = l2_distances(z.to(CUDA), protos.to(CUDA)).cpu()
         sim = distance_to_similarity(d, "log", 1e-4)
+        # Push's activation maps of each prototype over its own source, likewise.
+        own = self_distance_maps(z.to(CUDA), protos.to(CUDA)).cpu()  # latent j, prototype j
     finally:
         torch.backends.cudnn.allow_tf32 = saved
     # log((0 + 1) / (0 + 1e-4)) = 9.21. float32's own cancellation leaves d a few 1e-6
@@ -90,6 +92,8 @@ def test_a_patch_equal_to_a_prototype_scores_the_top_similarity_under_tf32() -> 
     np.testing.assert_allclose(
         d.numpy(), l2_distances(z.double(), protos.double()).numpy(), atol=1e-4
     )
+    np.testing.assert_allclose(own[0].numpy(), d[0, 0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(own[1].numpy(), d[1, 1].numpy(), atol=1e-4)
 
 
 @pytest.mark.usefixtures("exact_fp32")

@@ -14,8 +14,9 @@ import training.push
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.model import ProtoPNet, create_model
 from protopnet.preprocess import eval_transform
+from tests.protopnet.reference import patch_distances
 from training.data import ArrayImages
-from training.push import PushError, push_prototypes, render_visuals
+from training.push import PushError, push_prototypes, render_visuals, self_distance_maps
 
 PREP = Preprocessing(img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -211,3 +212,20 @@ def test_an_unknown_push_precision_is_an_error_naming_the_valid_ones() -> None:
     model, images = model_and_images()
     with pytest.raises(ValueError, match="unknown push precision 'fp8'; valid: bf16, fp32"):
         push_prototypes(model, images, PREP, precision="fp8")
+
+
+@pytest.mark.parametrize("proto_size", [(1, 1), (2, 2), (1, 3)])
+def test_self_distance_maps_are_each_prototypes_own_distances(
+    proto_size: tuple[int, int],
+) -> None:
+    """Prototype j's map over latent map j alone equals column j of the full distances
+    (the pictures' activation maps), computed per pair by loops."""
+    h1, w1 = proto_size
+    g = torch.Generator().manual_seed(0)
+    latents = torch.rand(4, 6, 5, 7, generator=g, dtype=torch.float64)
+    protos = torch.rand(4, 6, h1, w1, generator=g, dtype=torch.float64)
+    got = self_distance_maps(latents, protos)
+    assert got.shape == (4, 5 - h1 + 1, 7 - w1 + 1)
+    for j in range(4):
+        ref = patch_distances(latents[j : j + 1].numpy(), protos[j : j + 1].numpy())[0, 0]
+        np.testing.assert_allclose(got[j].numpy(), ref, rtol=1e-10, atol=1e-10)
