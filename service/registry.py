@@ -99,8 +99,9 @@ class ServedModel:
         self.ref = f"{self.name}@{self.version}"
         self.manifest_sha256 = loaded.manifest_sha256
         self.device = pick_device(settings.device)
-        if self.device.type == "cuda":  # process-wide flags, the same for every model
-            torch.backends.cuda.matmul.allow_tf32 = settings.allow_tf32
+        if self.device.type == "cuda":  # a process-wide flag, the same for every model
+            # Convolutions only (the trunk, the add-on layers): matrix products, the
+            # prototype distances among them, keep PyTorch's true float32 default.
             torch.backends.cudnn.allow_tf32 = settings.allow_tf32
         self.model = loaded.model.to(self.device).eval()
         self.memory_format = (

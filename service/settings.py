@@ -40,10 +40,10 @@ class Settings(BaseSettings):
     # forward about 1.15x, the demo's about 1.2x faster: bench/memory_format.py) and
     # tensor cores' on a GPU. Off: the layout the weights were saved in (NCHW).
     channels_last: bool = True
-    # TF32 on a GPU: cuDNN's convolutions and cuBLAS's products with 10-bit mantissas, a
-    # faster trunk whose features, and so logits, then differ from a CPU's by about TF32's
-    # precision (1e-3 relative). Off: a GPU answers with a CPU's numbers. Prototype
-    # distances are true float32 either way (protopnet.model.l2_distances).
+    # TF32 on a GPU: cuDNN's convolutions (the trunk and add-on layers) with 10-bit
+    # mantissas, faster, whose features, and so logits, then differ from a CPU's by about
+    # TF32's precision (1e-3 relative). Off: a GPU answers with a CPU's numbers. Prototype
+    # distances, matrix products, are true float32 either way (l2_distances).
     allow_tf32: bool = False
 
     # -- batching -------------------------------------------------------------------
