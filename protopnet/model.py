@@ -130,7 +130,9 @@ class ProtoPNetOutput:
 class ProtoPNet(nn.Module):
     """f (trunk) -> add-on layers -> prototype layer g_p -> last layer h (no bias)."""
 
-    ones: torch.Tensor  # (P, D, h1, w1) buffer, reference name
+    # (P, D, h1, w1) of ones: the reference's buffer, kept so state_dicts load both ways
+    # (and as the model's device); the distances no longer use it.
+    ones: torch.Tensor
     prototype_class_identity: torch.Tensor  # (P, K) one-hot, not saved
 
     def __init__(self, config: ProtoPNetConfig, trunk: Trunk):

@@ -122,7 +122,14 @@ class DataReport:
 
 
 def check_dataset(data: DataConfig, threads: int = 4, progress: bool = True) -> DataReport:
+    """The report on the config's own train and test sets."""
     train, test = load_source(data)
+    return check_sets(train, test, threads, progress)
+
+
+def check_sets(
+    train: ImageSet, test: ImageSet, threads: int = 4, progress: bool = True
+) -> DataReport:
     splits = {"train": train, "test": test}
     facts: dict[str, list[ImageFacts]] = {}
     with ThreadPoolExecutor(threads) as pool:

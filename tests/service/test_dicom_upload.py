@@ -32,11 +32,18 @@ def test_a_ct_slice_is_explained_on_its_windowed_picture(client, store_root) -> 
 
 
 def test_a_multipart_dicom_file_and_a_second_frame_ignored(client) -> None:
-    two = np.stack([hounsfield_phantom(), hounsfield_phantom()[::-1]])
+    """Two frames, the second upside down: the answer is the first frame's alone."""
+    first = hounsfield_phantom()
+    two = np.stack([first, first[::-1]])
     files = {"image": ("slices.dcm", dicom_bytes(two, frames=2), "application/dicom")}
     r = client.post("/explain", files=files)
     assert r.status_code == 200, r.text
     assert r.json()["image"]["frames"] == 2
+    alone = client.post("/explain", content=dicom_bytes(first), headers=DICOM)
+    flipped = client.post("/explain", content=dicom_bytes(first[::-1].copy()), headers=DICOM)
+    logits = [[c["logit"] for c in x.json()["top_classes"]] for x in (r, alone, flipped)]
+    assert logits[0] == pytest.approx(logits[1], abs=1e-5)
+    assert logits[0] != pytest.approx(logits[2], abs=1e-3)  # the frames differ to the model
 
 
 @pytest.mark.parametrize(

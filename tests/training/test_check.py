@@ -20,9 +20,9 @@ from PIL import Image
 
 from tests.dicom_files import dicom_bytes, hounsfield_phantom, window_by_hand
 from tests.training.conftest import run_cli
-from training.check import check_dataset
+from training.check import check_dataset, check_sets
 from training.config import load_config
-from training.data import DatasetError, build_splits
+from training.data import ArrayImages, DatasetError, build_splits
 
 CLASSES = ("cat", "dog")
 
@@ -132,24 +132,36 @@ def test_the_truncated_file_alone_is_named_when_training_reads_it(tmp_path: Path
     splits = build_splits(cfg.data, seed=0)  # headers are fine
     train = splits.train
     i = next(i for i in range(len(train)) if train.image_id(i).endswith("cut.jpg"))
-    try:
+    with pytest.raises(DatasetError, match=r"cut\.jpg.*training check"):
         train.load(i)
-        raise AssertionError("a truncated JPEG loaded")
-    except Exception as exc:
-        assert "cut.jpg" in str(exc) and "training check" in str(exc)
     report = check_dataset(cfg.data, threads=2, progress=False)
     assert [u["image"] for u in report.unreadable] == [str(root / "train/dog/cut.jpg")]
 
 
 def test_in_memory_sets_compare_pixels(tmp_path: Path) -> None:
-    """Fashion-MNIST-like sets have no files: duplicates are found by their pixels."""
+    """Fashion-MNIST-like sets have no files: copies are found by their pixels. Train
+    image 1 is again train image 4 under another class, train image 2 again as train
+    image 5 (same class) and as test image 0; the synthetic generator's own sets are
+    clean."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(6, 12, 12), dtype=np.uint8)
+    x[4], x[5] = x[1], x[2]
+    train = ArrayImages(x, np.array([0, 0, 1, 1, 1, 1]), ["a", "b"], "mem/train")
+    t = rng.integers(0, 256, size=(3, 12, 12), dtype=np.uint8)
+    t[0] = x[2]
+    test = ArrayImages(t, np.array([1, 0, 1]), ["a", "b"], "mem/test")
+    report = check_sets(train, test, threads=2, progress=False)
+    assert report.conflicts == [{"images": ["mem/train/1", "mem/train/4"], "classes": ["a", "b"]}]
+    assert report.leaks == [{"test": "mem/test/0", "train": "mem/train/2"}]
+    assert report.duplicates == {"train": 1}
+    assert (report.errors, report.warnings) == (1, 2)
+
     cfg = load_config(
         "synthetic", ["data.synthetic.train_per_class=4", "data.synthetic.test_per_class=2"]
     )
     report = check_dataset(cfg.data, threads=2, progress=False)
-    assert report.errors == 0 and report.unreadable == []
+    assert report.errors == 0 and report.warnings == 0
     assert sum(report.counts["train"]) == 4 * len(report.classes)
-    assert report.leaks == []  # the synthetic generator draws test images apart
 
 
 def test_dicom_folders_load_windowed_and_are_checked(tmp_path: Path) -> None:
