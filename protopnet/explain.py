@@ -221,6 +221,15 @@ def place_maps(
     return torch.from_numpy(canvas), window
 
 
+def prototypes_by_class(classes: list[int], num_classes: int) -> list[np.ndarray]:
+    """For each class, the indices of its own prototypes in index order (``classes``: the
+    class of each prototype)."""
+    by_class: list[list[int]] = [[] for _ in range(num_classes)]
+    for j, k in enumerate(classes):
+        by_class[k].append(j)
+    return [np.asarray(js, dtype=np.intp) for js in by_class]
+
+
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values, largest first; ties go to the lower index."""
     return np.argsort(-values, kind="stable")[:k]
@@ -247,10 +256,10 @@ class PrototypeExplainer:
         self.max_map_side = max_map_side
         self._host = self._read_head() if frozen else None
 
-    def _read_head(self) -> tuple[np.ndarray, list[int]]:
-        """(last-layer weights (K, P) as a host array of its own, class of each prototype)."""
+    def _read_head(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(last-layer weights (K, P) as a host array of its own, each class's prototypes)."""
         weights = np.array(_numpy(self.model.last_layer.weight), dtype=np.float32)
-        return weights, self.model.prototype_classes.tolist()
+        return weights, prototypes_by_class(self.model.prototype_classes.tolist(), weights.shape[0])
 
     @torch.inference_mode()
     def attribute(
@@ -294,8 +303,7 @@ class PrototypeExplainer:
         bad = [s for s in image_sizes if len(s) != 2 or min(s) < 1]
         if bad:
             raise ValueError(f"image sizes must be (width, height) >= 1, got {bad[:3]}")
-        # (K, P) weights; (P,) classes as a list: see "own" below.
-        w_last, classes = self._host or self._read_head()
+        w_last, by_class = self._host or self._read_head()  # (K, P), K index arrays
         T = min(top_classes, logits.shape[1])
         N_top = min(top_prototypes, sim_maps.shape[1])
 
@@ -318,10 +326,8 @@ class PrototypeExplainer:
             weights = w_last[tc]  # (T, P)
             points = weights * sims[b]  # (T, P)
             top_p = top_indices(sims[b], N_top).tolist()
-            # The top classes' own prototypes, in index order. A list comprehension:
-            # right after a forward, np.isin took 141 us against 12 us for this (100 protos).
-            top = set(tc.tolist())
-            own = [j for j, k in enumerate(classes) if k in top]
+            # The top classes' own prototypes, in index order (not a pass over all P).
+            own = np.sort(np.concatenate([by_class[k] for k in tc])).tolist()
             shown = list(dict.fromkeys([*top_p, *own]))
             low = sm[b, shown]  # (N, H', W'), a copy
             disp = display_size(size[0], size[1], self.max_map_side)

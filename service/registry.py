@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from model_store import LoadedModel, ModelStore
-from protopnet.explain import PrototypeExplainer
+from protopnet.explain import PrototypeExplainer, prototypes_by_class
 from protopnet.threads import DEFAULT_TORCH_THREADS, CoreBudget, use_torch_threads
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
@@ -112,9 +112,9 @@ class ServedModel:
         self.class_names = list(loaded.manifest.class_names)
         self.prototype_classes: list[int] = self.model.prototype_classes.cpu().tolist()
         # Per class, the indices of its own prototypes (the scoring sheets' rows).
-        self.prototypes_of_class: list[list[int]] = [[] for _ in self.class_names]
-        for j, k in enumerate(self.prototype_classes):
-            self.prototypes_of_class[k].append(j)
+        self.prototypes_of_class = prototypes_by_class(
+            self.prototype_classes, len(self.class_names)
+        )
         self.explainer = PrototypeExplainer(
             self.model, self.preprocessing, settings.max_map_side, frozen=True
         )

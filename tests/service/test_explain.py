@@ -41,7 +41,13 @@ def reference(store_root: Path, ref: str, img: Image.Image) -> dict[str, np.ndar
     w = model.last_layer.weight.detach().numpy()
     logits = logits_from_min_distances(min_d[None], w, "log")[0]
     sim_maps = np.log((d + 1) / (d + 1e-4))  # (P, H', W')
-    return {"logits": logits, "sims": sim_maps.reshape(len(d), -1).max(1), "maps": sim_maps}
+    return {
+        "logits": logits,
+        "sims": sim_maps.reshape(len(d), -1).max(1),
+        "maps": sim_maps,
+        "weights": w,  # (K, P)
+        "classes": model.prototype_classes.numpy(),  # (P,)
+    }
 
 
 def post_image(client: httpx.Client, data: bytes, ctype: str = "image/png", **params: object):
@@ -98,7 +104,7 @@ def test_explains_a_real_photograph(client, store_root, photo_images) -> None:
     # Rotated a little, so no latent patch is exactly a prototype: near distance 0 the log
     # similarity amplifies float32 rounding, and the loop reference runs in float64.
     img = photo_images["cat"].rotate(3)
-    r = post_image(client, encode(img, "PNG"))
+    r = post_image(client, encode(img, "PNG"), top_prototypes=4)  # fewer than P = 9
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"]["name"] == "photo" and body["model"]["version"] == "1"
@@ -114,9 +120,27 @@ def test_explains_a_real_photograph(client, store_root, photo_images) -> None:
     check_sheets(body, ref["logits"])
     # The body is exactly the documented schema: no field missing, renamed or extra.
     assert ExplainResponse.model_validate(body).model_dump(mode="json") == body
+    P = len(ref["classes"])
     for sheet in body["scoring_sheets"]:
+        k = sheet["class_index"]
+        # A sheet's rows are exactly its class's own prototypes, with the model's weights.
+        assert (
+            sorted(r["prototype"] for r in sheet["rows"])
+            == np.flatnonzero(ref["classes"] == k).tolist()
+        )
+        assert sheet["other_prototypes"] == P - len(sheet["rows"])
         for row in sheet["rows"]:
             assert row["similarity"] == pytest.approx(ref["sims"][row["prototype"]], abs=1e-3)
+            assert row["weight"] == pytest.approx(ref["weights"][k, row["prototype"]], abs=1e-6)
+        others = [j for j in range(P) if ref["classes"][j] != k]
+        other = float(np.sum(ref["weights"][k, others] * ref["sims"][others]))
+        assert sheet["other_total"] == pytest.approx(other, abs=1e-3)
+    # The most activated prototypes over all classes, best first, by the reference's
+    # similarities (to within float32 rounding: the closest two differ by 1.3e-3 here).
+    tops = [p["prototype"] for p in body["top_prototypes"]]
+    assert tops == top_indices(ref["sims"], len(tops)).tolist()
+    for p in body["top_prototypes"] + body["prototypes"]:
+        assert p["similarity"] == pytest.approx(ref["sims"][p["prototype"]], abs=1e-3)
     # Boxes: the reference upsamples with OpenCV's bicubic on the letterbox square (pad:
     # the 451 x 451 input square sits 75 px above the 300 px tall image).
     shown = {p["prototype"]: p for p in body["prototypes"]}
