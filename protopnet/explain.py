@@ -261,6 +261,11 @@ class PrototypeExplainer:
         weights = np.array(_numpy(self.model.last_layer.weight), dtype=np.float32)
         return weights, prototypes_by_class(self.model.prototype_classes.tolist(), weights.shape[0])
 
+    @property
+    def prototypes_of_class(self) -> list[np.ndarray]:
+        """For each class, the indices of its own prototypes (read once when frozen)."""
+        return (self._host or self._read_head())[1]
+
     @torch.inference_mode()
     def attribute(
         self,

@@ -85,7 +85,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image | DicomFile:
     if not data:
         raise EmptyImageError(
             "the request holds no image bytes; send the image as multipart field 'image' "
-            "or as the raw body with an image/* content type"
+            "or as the raw body with an image/* or application/dicom content type"
         )
     if is_dicom(data):
         try:

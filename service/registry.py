@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from model_store import LoadedModel, ModelStore
-from protopnet.explain import PrototypeExplainer, prototypes_by_class
+from protopnet.explain import PrototypeExplainer
 from protopnet.threads import DEFAULT_TORCH_THREADS, CoreBudget, use_torch_threads
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
@@ -111,13 +111,11 @@ class ServedModel:
         self.preprocessing = loaded.manifest.preprocessing
         self.class_names = list(loaded.manifest.class_names)
         self.prototype_classes: list[int] = self.model.prototype_classes.cpu().tolist()
-        # Per class, the indices of its own prototypes (the scoring sheets' rows).
-        self.prototypes_of_class = prototypes_by_class(
-            self.prototype_classes, len(self.class_names)
-        )
         self.explainer = PrototypeExplainer(
             self.model, self.preprocessing, settings.max_map_side, frozen=True
         )
+        # Per class, the indices of its own prototypes (the scoring sheets' rows).
+        self.prototypes_of_class = self.explainer.prototypes_of_class
         # Only this model's thread runs torch with several threads (protopnet.threads).
         # Unset on a CPU: it starts with one and warm-up times whether more pay
         # (``choose_torch_threads``); it has them while no other model's team holds the

@@ -15,6 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from protopnet.errors import ProtoPNetError
+
+
+class DistributedError(ProtoPNetError):
+    """A torchrun launch this machine cannot serve (e.g. more GPU processes than GPUs)."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,6 +37,18 @@ class DistInfo:
         return self.rank == 0
 
 
+def ddp_cuda_device(local_rank: int, gpus: int) -> torch.device:
+    """The GPU of this DDP process: one per process on each node. More processes than
+    GPUs is a clear error here rather than CUDA's "invalid device ordinal" later."""
+    if local_rank >= gpus:
+        raise DistributedError(
+            f"DDP on CUDA needs one GPU per process: this is local rank {local_rank} but the "
+            f"node has {gpus} GPU(s); start torchrun with --nproc_per_node={gpus}, or train on "
+            "the CPU (--set train.device=cpu, gloo)"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed(cuda: bool) -> DistInfo:
     """Join the process group when launched by torchrun; a no-op otherwise.
 
@@ -44,8 +62,6 @@ def init_distributed(cuda: bool) -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if cuda:
-            from training.run import ddp_cuda_device  # run imports this module
-
             torch.cuda.set_device(ddp_cuda_device(local, torch.cuda.device_count()))
             dist.init_process_group("nccl")
         else:

@@ -47,7 +47,7 @@ from training.checkpoint import (
 )
 from training.config import RunConfig, TrainConfig, dump_config, load_raw, validate_config
 from training.data import ImageSet, Splits, TransformedImages, build_splits
-from training.distributed import DistInfo, barrier, broadcast_module
+from training.distributed import DistInfo, barrier, broadcast_module, ddp_cuda_device
 from training.plots import plot_curves
 from training.push import push_prototypes
 from training.transforms import TrainTransform
@@ -55,18 +55,6 @@ from training.transforms import TrainTransform
 
 class RunError(ProtoPNetError):
     """A run directory that cannot be used as asked (exists, or differs on resume)."""
-
-
-def ddp_cuda_device(local_rank: int, gpus: int) -> torch.device:
-    """The GPU of this DDP process: one per process on each node. More processes than
-    GPUs is a clear error here rather than CUDA's "invalid device ordinal" later."""
-    if local_rank >= gpus:
-        raise RunError(
-            f"DDP on CUDA needs one GPU per process: this is local rank {local_rank} but the "
-            f"node has {gpus} GPU(s); start torchrun with --nproc_per_node={gpus}, or train on "
-            "the CPU (--set train.device=cpu, gloo)"
-        )
-    return torch.device("cuda", local_rank)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from tests.training.conftest import REPO, TINY, overrides_args
 from training.checkpoint import load_checkpoint
 from training.config import load_config
 from training.data import build_splits
-from training.run import RunError, ddp_cuda_device, plan_units
+from training.distributed import DistributedError, ddp_cuda_device, init_distributed
+from training.run import plan_units
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,9 @@ def test_two_gloo_processes_train_a_model_of_the_same_shape(tmp_path: Path) -> N
 
 def test_more_processes_than_gpus_is_a_clear_error() -> None:
     assert ddp_cuda_device(1, 2) == torch.device("cuda", 1)
-    with pytest.raises(RunError, match=r"local rank 1 but the node has 1 GPU.*--nproc_per_node=1"):
+    with pytest.raises(
+        DistributedError, match=r"local rank 1 but the node has 1 GPU.*--nproc_per_node=1"
+    ):
         ddp_cuda_device(1, 1)
 
 
@@ -76,8 +79,6 @@ def test_a_cpu_run_on_a_gpu_machine_uses_gloo_and_leaves_cuda_alone(
     died with "invalid device ordinal" (seen on an H100). Process-group start is faked:
     the test above starts real processes."""
     import torch.distributed as dist
-
-    from training.distributed import init_distributed
 
     backends: list[str] = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
@@ -95,6 +96,6 @@ def test_a_cpu_run_on_a_gpu_machine_uses_gloo_and_leaves_cuda_alone(
     info = init_distributed(cuda=False)
     assert backends == ["gloo"] and info.local_rank == 1 and info.enabled
     # On GPUs, more processes than GPUs stops before any process group is joined.
-    with pytest.raises(RunError, match="needs one GPU per process"):
+    with pytest.raises(DistributedError, match="needs one GPU per process"):
         init_distributed(cuda=True)
     assert backends == ["gloo"]
