@@ -114,10 +114,20 @@ def serve(
     tmp: Path, source: ModelSource, wait_ready: bool = True, **settings: Any
 ) -> ServerProcess:
     """``python -m service`` serving ``source`` (its default and only start-up model) with
-    PROTOPNET_* ``settings``; waits for /readyz unless ``wait_ready`` is False."""
+    PROTOPNET_* ``settings``; waits for /readyz unless ``wait_ready`` is False.
+
+    Worker and torch threads are the service's own defaults (the tests' server fixes
+    both at 2): until 025bdb1 the benchmarks' servers ran with the tests' 2 workers, so
+    on the 16-core GPU machine every image's maps and boxes were made 2 at a time."""
     from tests.service.conftest import start_server
 
-    opts: dict[str, Any] = {"default_model": source.ref, "models": source.ref, "log_level": "info"}
+    opts: dict[str, Any] = {
+        "default_model": source.ref,
+        "models": source.ref,
+        "log_level": "info",
+        "worker_threads": None,
+        "torch_threads": None,
+    }
     opts.update(settings)
     return start_server(tmp, source.store, wait_ready=wait_ready, **opts)
 

@@ -13,7 +13,6 @@ import base64
 import functools
 import hashlib
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -40,7 +39,7 @@ from service.schemas import (
     PredictResponse,
     Size,
 )
-from service.settings import Settings
+from service.settings import Settings, usable_cores
 
 T = TypeVar("T")
 ID_LENGTH = 32  # hex characters of SHA-256 kept in explanation ids (128 bits)
@@ -229,7 +228,7 @@ class ExplanationService:
     ):
         self.settings, self.cache, self.pool, self.metrics = settings, cache, pool, metrics
         # Worker jobs that draw one explanation's pictures: one per core the pool can use.
-        self.draw_jobs = min(os.cpu_count() or 1, settings.worker_threads)
+        self.draw_jobs = min(usable_cores(), settings.pool_threads)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU work on the worker pool (never on the event loop, never the model's)."""

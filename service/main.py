@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Workers run torch single-threaded; only model threads use several (protopnet.threads).
         pool = ThreadPoolExecutor(
-            settings.worker_threads,
+            settings.pool_threads,
             thread_name_prefix="work",
             initializer=use_torch_threads,
             initargs=(1,),
@@ -83,7 +83,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loading = asyncio.create_task(registry.load_startup_models(settings.model_retry_s))
         log.info(
             "service starting",
-            extra={"store": str(settings.store), "models": settings.startup_models()},
+            extra={
+                "store": str(settings.store),
+                "models": settings.startup_models(),
+                "worker_threads": settings.pool_threads,
+            },
         )
         try:
             yield

@@ -6,6 +6,7 @@ Lists (models, API keys, CORS origins) are read from comma-separated variables, 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,6 +14,15 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset), else
+    ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -50,7 +60,13 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=16, ge=1, le=1024)
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)  # how long a batch waits to fill
     max_queue: int = Field(default=256, ge=1)  # images waiting per model; beyond it -> 503
-    worker_threads: int = Field(default=4, ge=1)  # decoding, upsampling and PNG encoding
+    # Threads that decode uploads, make each image's maps, boxes and JSON after its forward
+    # (whenever the model thread has other work) and encode PNGs. Unset: one per core, at
+    # least 4 and at most 32 (``pool_threads``). Their heavy parts (decoding, the
+    # percentiles' partial sorts, PNG encoding) release the GIL, so on a many-core GPU
+    # machine this is how many images are finished side by side: 4 were the whole pool
+    # there, with 12 cores idle.
+    worker_threads: int | None = Field(default=None, ge=1)
 
     # -- explanations ---------------------------------------------------------------
     # Heatmaps, boxes' resolution and the display image are capped at this side (pixels).
@@ -96,6 +112,13 @@ class Settings(BaseSettings):
                 return json.loads(s)
             return [x.strip() for x in s.split(",") if x.strip()]
         return v
+
+    @property
+    def pool_threads(self) -> int:
+        """The worker pool's size: ``worker_threads``, or one per core within 4 to 32."""
+        if self.worker_threads is not None:
+            return self.worker_threads
+        return min(32, max(4, usable_cores()))
 
     def startup_models(self) -> list[str]:
         """The model references loaded at start-up, the default first."""

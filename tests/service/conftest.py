@@ -144,10 +144,11 @@ def launch_server(
     command: list[str] | None = None,
     cwd: Path = REPO,
     env_extra: dict[str, str] | None = None,
-    **settings: str | int | float,
+    **settings: str | int | float | None,
 ) -> ServerProcess:
     """Start ``python -m service`` (or ``command``) with PROTOPNET_* settings (does not
-    wait)."""
+    wait). The tests' defaults set 2 worker and 2 torch threads; a setting given as None
+    is left unset, so the service chooses it as it would for a user."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOPNET_")}
     env.update(
@@ -162,7 +163,11 @@ def launch_server(
     )
     if fashion_available():
         env["PROTOPNET_MODELS"] = "fashion"
-    env.update({f"PROTOPNET_{k.upper()}": str(v) for k, v in settings.items()})
+    for k, v in settings.items():
+        if v is None:
+            env.pop(f"PROTOPNET_{k.upper()}", None)
+        else:
+            env[f"PROTOPNET_{k.upper()}"] = str(v)
     env.update(env_extra or {})
     log_path = tmp / f"server-{port}.log"
     with open(log_path, "wb") as log:
@@ -177,7 +182,7 @@ def launch_server(
 
 
 def start_server(
-    tmp: Path, store: Path, wait_ready: bool = True, **settings: str | int | float
+    tmp: Path, store: Path, wait_ready: bool = True, **settings: str | int | float | None
 ) -> ServerProcess:
     """Start ``python -m service`` and wait for /readyz (or only /healthz)."""
     server = launch_server(tmp, store, **settings)

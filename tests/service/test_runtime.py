@@ -330,3 +330,36 @@ def test_no_route_or_dependency_runs_on_a_thread_pool_per_request(store_root: Pa
     statuses, workers = asyncio.run(main())
     assert statuses == [200] * len(statuses), statuses
     assert not workers - before, "a route or dependency ran on anyio's thread pool"
+
+
+def test_the_worker_pool_has_a_thread_per_core_unless_set(
+    store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a 16-core GPU machine the old fixed 4 workers finished 4 images at a time while
+    # the other cores idled.
+    import service.settings as settings_module
+
+    monkeypatch.delenv("PROTOPNET_WORKER_THREADS", raising=False)
+    for cores, pool in ((2, 4), (12, 12), (64, 32)):
+        monkeypatch.setattr(settings_module, "usable_cores", lambda c=cores: c)
+        assert Settings(models=[]).pool_threads == pool
+    assert Settings(models=[], worker_threads=3).pool_threads == 3
+    monkeypatch.setenv("PROTOPNET_WORKER_THREADS", "5")
+    assert Settings(models=[]).pool_threads == 5
+    monkeypatch.delenv("PROTOPNET_WORKER_THREADS")
+
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 12)
+    settings = in_process(store_root, "photo", worker_threads=None)
+    meet = threading.Barrier(12, timeout=10)  # breaks unless 12 jobs run at once
+
+    def job() -> str:
+        meet.wait()
+        return threading.current_thread().name
+
+    async def main() -> list[str]:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            return await asyncio.gather(*(app.state.explanations.run(job) for _ in range(24)))
+
+    names = asyncio.run(main())
+    assert len(set(names)) == 12, f"{len(set(names))} worker threads ran the jobs, not 12"
