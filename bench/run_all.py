@@ -31,6 +31,7 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
     "local_analysis": ([], ["--repeats", "1"]),
     "explain_latency": ([], ["--quick"]),
     "service_throughput": ([], ["--quick"]),
+    "gil": ([], ["--quick"]),
     "model_threads": ([], ["--quick"]),
     "memory_format": ([], ["--quick"]),
     "load": ([], ["--quick"]),

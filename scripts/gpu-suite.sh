@@ -6,7 +6,7 @@
 #                                # (PROTOPNET_DEVICE=auto; about 9 minutes on an H100)
 #   scripts/gpu-suite.sh bench [NAME...]
 #                                # memory_format, explain_latency, service_throughput
-#                                # (demo and VGG-19), push, training; or the ones named
+#                                # (demo and VGG-19), push, training, gil; or the ones named
 #                                # (about 6 minutes for all on an H100)
 #
 # Each fits in the device tool's 10 minutes a command; give `suite` one of its own.
@@ -55,10 +55,10 @@ bench)
     shift
     declare -A ARGS=([memory_format]="" [explain_latency]="--repeats-vgg 50"
         [service_throughput]="" [service_throughput_vgg19]="--model vgg19" [push]=""
-        [training]="")
+        [training]="" [gil]="--seconds 1")
     names=("$@")
     [ ${#names[@]} -eq 0 ] && names=(memory_format explain_latency service_throughput
-        service_throughput_vgg19 push training)
+        service_throughput_vgg19 push training gil)
     rc=0
     for b in "${names[@]}"; do
         [ -n "${ARGS[$b]+set}" ] || { echo "unknown benchmark: $b" >&2; rc=1; continue; }
