@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     # (whenever the model thread has other work) and encode PNGs. Unset: one per core, at
     # least 4 and at most 32 (``pool_threads``). Their heavy parts (decoding, the
     # percentiles' partial sorts, PNG encoding) release the GIL, so on a many-core GPU
-    # machine this is how many images are finished side by side: 4 were the whole pool
-    # there, with 12 cores idle.
+    # machine this is how many images are finished side by side (it was a fixed 4, on
+    # the H100 machine's 16 cores).
     worker_threads: int | None = Field(default=None, ge=1)
 
     # -- explanations ---------------------------------------------------------------
