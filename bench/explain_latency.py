@@ -41,12 +41,17 @@ import httpx
 import torch
 
 from bench.common import device_name, p50, seconds_of, write_result
-from bench.serving import ModelSource, RequestImages, demo_model, serve, vgg19_model
+from bench.serving import (
+    ModelSource,
+    RequestImages,
+    demo_model,
+    in_process,
+    serve,
+    vgg19_model,
+)
 from protopnet.threads import use_torch_threads
 from service.deps import resolve_options
 from service.images import DecodedImage, decode_image
-from service.main import create_app
-from service.settings import Settings
 from tests.service.conftest import ServerProcess
 
 GOAL_RATIO = 1.3
@@ -67,19 +72,9 @@ async def _measure(
     Without servers: the forward, explain and explain with inline PNGs, in process. With
     servers: the forward and one request to each server.
     """
-    settings = Settings(
-        store=source.store,
-        default_model=source.ref,
-        models=[],
-        redis_url=None,
-        max_batch=1,
-        max_wait_ms=0,
-        log_level="warning",
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        registry, svc = app.state.registry, app.state.explanations
-        served = await registry.get(source.ref)
+    async with in_process(source) as service:
+        settings, registry = service.settings, service.registry
+        svc, served = service.explanations, service.served
         model = served.model
         images = RequestImages(served.preprocessing)
         # The preprocessed image the forward pass sees, decoded as the service does.

@@ -38,13 +38,11 @@ import orjson
 import torch
 
 from bench.common import device_name, p50, write_result
-from bench.serving import ModelSource, RequestImages, demo_model, vgg19_model
+from bench.serving import ModelSource, RequestImages, demo_model, in_process, vgg19_model
 from protopnet.threads import use_torch_threads
 from service import render
 from service.explanations import build_explanation, image_info
 from service.images import decode_image
-from service.main import create_app
-from service.settings import Settings
 
 SWITCH_INTERVAL_S = 2e-4  # short, so a step waiting for the GIL gets it back soon
 
@@ -126,19 +124,8 @@ def measure_steps(
 
 
 async def _steps(source: ModelSource, seconds: float, rounds: int) -> dict[str, Any]:
-    settings = Settings(
-        store=source.store,
-        default_model=source.ref,
-        models=[],
-        redis_url=None,
-        max_batch=1,
-        max_wait_ms=0,
-        log_level="warning",
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        registry, svc = app.state.registry, app.state.explanations
-        served = await registry.get(source.ref)
+    async with in_process(source) as service:
+        settings, svc, served = service.settings, service.explanations, service.served
         images = RequestImages(served.preprocessing)
         prep, s = served.preprocessing, settings
         uploads = [images(i) for i in range(64)]

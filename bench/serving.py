@@ -9,12 +9,13 @@ The server itself is started with the service tests' helpers (``tests.service.co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,9 @@ from protopnet.model import create_model
 from protopnet.threads import on_scratch_thread
 
 if TYPE_CHECKING:
+    from service.explanations import ExplanationService
+    from service.registry import ModelRegistry, ServedModel
+    from service.settings import Settings
     from tests.service.conftest import ServerProcess
 
 DEMO_NAME = (
@@ -130,6 +134,39 @@ def serve(
     }
     opts.update(settings)
     return start_server(tmp, source.store, wait_ready=wait_ready, **opts)
+
+
+@dataclass
+class InProcess:
+    """The service's own objects, running in this process (``in_process``)."""
+
+    settings: Settings
+    registry: ModelRegistry
+    explanations: ExplanationService
+    served: ServedModel
+
+
+@contextlib.asynccontextmanager
+async def in_process(source: ModelSource) -> AsyncIterator[InProcess]:
+    """The app of ``service.main.create_app`` with its lifespan running, serving
+    ``source`` without Redis and with a batch window of 0 (``max_batch=1``), so its
+    objects do a request's work exactly as it would, only without HTTP."""
+    from service.main import create_app
+    from service.settings import Settings
+
+    settings = Settings(
+        store=source.store,
+        default_model=source.ref,
+        models=[],
+        redis_url=None,
+        max_batch=1,
+        max_wait_ms=0,
+        log_level="warning",
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        served = await app.state.registry.get(source.ref)
+        yield InProcess(settings, app.state.registry, app.state.explanations, served)
 
 
 def demo_model(
