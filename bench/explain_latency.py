@@ -44,10 +44,10 @@ from bench.common import device_name, p50, seconds_of, write_result
 from bench.serving import (
     ModelSource,
     RequestImages,
-    demo_model,
+    add_model_args,
     in_process,
+    model_cases,
     serve,
-    vgg19_model,
 )
 from protopnet.threads import use_torch_threads
 from service.deps import resolve_options
@@ -212,8 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     ap.add_argument("--repeats-demo", type=int, default=200)
     ap.add_argument("--repeats-vgg", type=int, default=20)
-    ap.add_argument("--store", type=Path, help="store with the trained demo (default ./store)")
-    ap.add_argument("--no-vgg", action="store_true", help="only the demo model")
+    add_model_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats_demo, args.repeats_vgg = 30, 4
@@ -224,12 +223,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     use_torch_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as d:
         tmp = Path(d)
-        jobs = [("demo", lambda: demo_model(tmp / "store", args.store), args.repeats_demo)]
-        if not args.no_vgg:
-            jobs.append(("vgg19_224", lambda: vgg19_model(tmp / "store"), args.repeats_vgg))
-        for key, make, repeats in jobs:
-            source = make()
-            r = run_model(source, repeats, tmp)
+        repeats = {"demo": args.repeats_demo, "vgg19_224": args.repeats_vgg}
+        for key, make in model_cases(tmp, args):
+            r = run_model(make(), repeats[key], tmp)
             results["models"][key] = r
             print(
                 f"{key:10s} forward {r['forward_ms_p50']:8.2f} ms | compute "

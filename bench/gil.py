@@ -38,7 +38,7 @@ import orjson
 import torch
 
 from bench.common import device_name, p50, write_result
-from bench.serving import ModelSource, RequestImages, demo_model, in_process, vgg19_model
+from bench.serving import ModelSource, RequestImages, add_model_args, in_process, model_cases
 from protopnet.threads import use_torch_threads
 from service import render
 from service.explanations import build_explanation, image_info
@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="short slices, one round")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each time slice")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--store", type=Path, help="store with the trained demo (default ./store)")
-    ap.add_argument("--no-vgg", action="store_true", help="only the demo model")
+    add_model_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.rounds = 0.5, 1
@@ -190,13 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("calibration", flush=True)
         results["calibration"] = measure_steps(CALIBRATION, args.seconds, args.rounds)
         with tempfile.TemporaryDirectory(prefix="bench-gil-") as d:
-            tmp = Path(d)
-            jobs: list[tuple[str, Callable[[], ModelSource]]] = [
-                ("demo", lambda: demo_model(tmp / "store", args.store))
-            ]
-            if not args.no_vgg:
-                jobs.append(("vgg19_224", lambda: vgg19_model(tmp / "store")))
-            for key, make in jobs:
+            for key, make in model_cases(Path(d), args):
                 print(key, flush=True)
                 results["models"][key] = asyncio.run(_steps(make(), args.seconds, args.rounds))
     finally:

@@ -8,6 +8,7 @@ The server itself is started with the service tests' helpers (``tests.service.co
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import io
@@ -200,6 +201,26 @@ def vgg19_model(scratch: Path) -> ModelSource:
     prep = Preprocessing(img_size=224)
     classes = [f"class_{k:03d}" for k in range(200)]
     return ModelSource(store.root, publish_random(store, VGG19_NAME, arch, prep, classes), False)
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """``--store`` and ``--no-vgg``: the options of the benchmarks that time the demo
+    model and a CUB-scale VGG-19 (``model_cases``)."""
+    ap.add_argument("--store", type=Path, help="store with the trained demo (default ./store)")
+    ap.add_argument("--no-vgg", action="store_true", help="only the demo model")
+
+
+def model_cases(
+    scratch: Path, args: argparse.Namespace
+) -> list[tuple[str, Callable[[], ModelSource]]]:
+    """(result key, how to get the model) for the demo and, unless ``--no-vgg``, VGG-19 at
+    224 px; random-weight models are published into ``scratch``."""
+    cases: list[tuple[str, Callable[[], ModelSource]]] = [
+        ("demo", lambda: demo_model(scratch / "store", args.store))
+    ]
+    if not args.no_vgg:
+        cases.append(("vgg19_224", lambda: vgg19_model(scratch / "store")))
+    return cases
 
 
 # -- request images -------------------------------------------------------------------
