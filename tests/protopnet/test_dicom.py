@@ -20,7 +20,8 @@ from tests.dicom_files import dicom_bytes, hounsfield_phantom, jpeg_ls_dicom, wi
 def test_ct_slice_is_windowed_like_the_standard_says() -> None:
     stored = hounsfield_phantom()
     data = dicom_bytes(stored, window=(40.0, 400.0))
-    assert is_dicom(data) and not is_dicom(data[:128] + b"XXXX" + data[132:])
+    # The "DICM" magic at byte 128 is what marks a DICOM file; any other four bytes do not.
+    assert is_dicom(data) and not is_dicom(data[:128] + b"NOPE" + data[132:])
     f = open_dicom(data)
     assert (f.size, f.n_frames, f.mode) == ((64, 64), 1, "MONOCHROME2 12-bit")
     assert f.transfer_syntax == "Explicit VR Little Endian"
