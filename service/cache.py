@@ -68,6 +68,18 @@ class LocalLRU:
             self.nbytes -= sum(len(v) for v in old.values())
 
 
+# Writes an entry's first fields unless another writer (a replica that computed the same
+# explanation at the same time) got there first; then returns that one's JSON. So every
+# client is handed one body per id, whichever replica computed it.
+_PUT_FIRST = """
+local stored = redis.call('HGET', KEYS[1], 'json')
+if stored then return stored end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return false
+"""
+
+
 class ExplanationCache:
     """Get and put explanation fields; Redis when reachable, the LRU always."""
 
@@ -189,6 +201,24 @@ class ExplanationCache:
                 self.local.put(key, fetched)
                 found.update(fetched)
         return found
+
+    async def put_first(self, key: str, fields: dict[str, bytes]) -> bytes:
+        """Store a new entry (its "json" and the fields made with it) unless Redis has
+        one already; returns the JSON that is kept: ``fields["json"]`` or the other's."""
+        if self._redis is not None and self._up:
+            args: list[bytes | str | int] = [self.ttl_s]
+            for f, v in fields.items():
+                args += [f, v]
+            try:
+                stored = await self._redis.eval(_PUT_FIRST, 1, KEY_PREFIX + key, *args)
+            except REDIS_DOWN as e:
+                self._mark_down(str(e) or type(e).__name__)
+            else:
+                if stored is not None:  # the other writer's fields stay in Redis alone
+                    self.local.put(key, {"json": bytes(stored)})
+                    return bytes(stored)
+        self.local.put(key, fields)
+        return fields["json"]
 
     async def put(self, key: str, fields: dict[str, bytes]) -> None:
         """Store fields of an entry in both layers; Redis failures only degrade."""

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model_store.errors import InvalidNameError
 from protopnet.errors import ProtoPNetError, UnknownNameError
@@ -119,6 +120,8 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned
+
 _HTTP_CODES = {
     401: "unauthorized",
     403: "forbidden",
@@ -160,6 +163,16 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"method {request.method} not allowed on {request.url.path}"
         headers = dict(exc.headers) if exc.headers else None
         return error_response(request, exc.status_code, code, message, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client closed the connection before its request body arrived: nobody will
+        # read an answer. Counted under nginx's 499 ("client closed request"), not 5xx.
+        log.info(
+            "client disconnected before its request body arrived",
+            extra={"request_id": request_id_of(request), "path": request.url.path},
+        )
+        return error_response(request, CLIENT_CLOSED, "client_closed_request", "client left")
 
     @app.exception_handler(ProtoPNetError)
     async def _domain(request: Request, exc: ProtoPNetError) -> JSONResponse:

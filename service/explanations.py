@@ -229,6 +229,7 @@ class ExplanationService:
         self.settings, self.cache, self.pool, self.metrics = settings, cache, pool, metrics
         # Worker jobs that draw one explanation's pictures: one per core the pool can use.
         self.draw_jobs = min(usable_cores(), settings.pool_threads)
+        self._in_flight: dict[str, asyncio.Task[bytes]] = {}  # id -> its computation
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU work on the worker pool (never on the event loop, never the model's)."""
@@ -267,19 +268,42 @@ class ExplanationService:
     async def explain(
         self, served: ServedModel, data: bytes, top_classes: int, top_prototypes: int, root: str
     ) -> tuple[bytes, bool]:
-        """(explanation JSON with heatmap URLs, whether it came from the cache)."""
+        """(explanation JSON with heatmap URLs, whether it was already made: cached, or
+        being made for an identical request)."""
         sha = await self.run(sha256_hex, data) if len(data) > 1 << 20 else sha256_hex(data)
         eid = explanation_id(sha, served, top_classes, top_prototypes, self.settings.max_map_side)
         cached = await self.cache.get(eid, "json", count=True)
         if cached is not None:
             return cached, True
+        # Identical requests in flight share one computation, in its own task so that a
+        # client leaving does not cancel it for the others.
+        task = self._in_flight.get(eid)
+        if task is not None:
+            self.metrics.coalesced.inc()
+            return await asyncio.shield(task), True
+        task = asyncio.create_task(
+            self._compute(served, data, sha, eid, top_classes, top_prototypes, root)
+        )
+        self._in_flight[eid] = task
+        task.add_done_callback(lambda _: self._in_flight.pop(eid, None))
+        return await asyncio.shield(task), False
+
+    async def _compute(
+        self,
+        served: ServedModel,
+        data: bytes,
+        sha: str,
+        eid: str,
+        top_classes: int,
+        top_prototypes: int,
+        root: str,
+    ) -> bytes:
         decoded = await self.decode(served, data)
         finish = functools.partial(
             self._finish, served, decoded, sha, eid, top_classes, top_prototypes, root
         )
         fields: dict[str, bytes] = await self.forward(served, decoded.tensor, finish)
-        await self.cache.put(eid, fields)
-        return fields["json"], False
+        return await self.cache.put_first(eid, fields)
 
     def _finish(
         self,

@@ -59,6 +59,38 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Leading bytes of the supported formats: a body that starts like one of them and fails to
+# decode is a corrupt file of that format (400), not an unknown format (415).
+SIGNATURES: tuple[tuple[str, bytes], ...] = (
+    ("PNG", b"\x89PNG\r\n\x1a\n"),
+    ("JPEG", b"\xff\xd8\xff"),
+    ("GIF", b"GIF87a"),
+    ("GIF", b"GIF89a"),
+    ("BMP", b"BM"),
+    ("TIFF", b"II*\x00"),
+    ("TIFF", b"MM\x00*"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The supported format whose signature ``data`` starts with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for fmt, sig in SIGNATURES if data.startswith(sig)), None)
+
+
+def _why_not(fmt: str, data: bytes) -> str:
+    """What the format's own decoder says about ``data`` (Pillow's ``open`` only says it
+    cannot identify the file when every decoder refused it)."""
+    Image.init()
+    factory, _ = Image.OPEN[fmt]
+    try:
+        factory(io.BytesIO(data), "")
+    except Exception as e:
+        return str(e) or type(e).__name__
+    return "the decoder refused it"
+
+
 def _looks_like_text(data: bytes) -> bool:
     head = data[:512]
     try:
@@ -95,6 +127,11 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image | DicomFile:
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
+        fmt = sniff_format(data)
+        if fmt is not None:
+            raise BadImageError(
+                f"the upload starts like a {fmt} file but is corrupt: {_why_not(fmt, data)}"
+            ) from None
         what = "text" if _looks_like_text(data) else f"{len(data)} bytes of an unknown format"
         raise UnsupportedMediaError(
             f"the upload is not an image in a supported format (it looks like {what}); "
@@ -103,7 +140,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image | DicomFile:
     except Image.DecompressionBombError as e:
         raise TooManyPixelsError(f"{e}; the limit is {max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImageError(f"could not read the image header: {e}") from None
+        fmt = sniff_format(data) or "image"
+        raise BadImageError(f"could not read the {fmt} file's header: {e}") from None
     w, h = img.size
     if w < 1 or h < 1:
         raise BadImageError(f"the image declares an empty size {w} x {h}")

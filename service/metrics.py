@@ -57,6 +57,11 @@ class Metrics:
         self.cache_misses = Counter(
             "protopnet_cache_misses_total", "Explanation cache misses", registry=r
         )
+        self.coalesced = Counter(
+            "protopnet_coalesced_total",
+            "Explanations answered by sharing an identical request's computation in flight",
+            registry=r,
+        )
         self.redis_up = Gauge(
             "protopnet_redis_up", "1 when Redis answers, 0 when degraded", registry=r
         )

@@ -202,3 +202,59 @@ def test_grid_too_small_for_the_prototypes_is_refused() -> None:
         create_model(
             ProtoPNetConfig(backbone="small_cnn", num_classes=2, img_size=8, prototype_size=(1, 3))
         )
+
+
+def pushed_model(depth: int = 128, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A small_cnn ProtoPNet whose prototypes are exact latent patches of its images (as
+    push leaves every trained model), and those 16 images."""
+    torch.manual_seed(seed)
+    model = create_model(
+        ProtoPNetConfig(
+            backbone="small_cnn",
+            num_classes=4,
+            prototypes_per_class=4,
+            prototype_depth=depth,
+            img_size=64,
+        )
+    ).eval()
+    x = torch.rand(16, 3, 64, 64)
+    with torch.no_grad():
+        z = model.conv_features(x)  # (16, D, H, W)
+        H, W = z.shape[2:]
+        for j in range(model.num_prototypes):
+            b, h, w = j % 16, (3 * j) % H, (5 * j) % W
+            model.prototype_vectors[j] = z[b, :, h, w].reshape(-1, 1, 1)
+    return model, x
+
+
+def test_pushed_prototypes_score_the_same_at_any_batch_size_and_layout() -> None:
+    """At a pushed prototype the expanded distance in float32 is cancellation residue,
+    which moved similarities by ~0.05 and logits by ~0.03 between batch sizes and layouts
+    (and picked another of several near matches); the model's distances are precise."""
+    model, x = pushed_model()
+    with torch.inference_mode():
+        alone = [model.forward_full(x[i : i + 1]) for i in range(16)]
+        batch = model.forward_full(x)
+        model.to(memory_format=torch.channels_last)
+        cl = model.forward_full(x.contiguous(memory_format=torch.channels_last))
+    for name, out in (("batch 16", batch), ("channels-last", cl)):
+        for i in range(16):
+            np.testing.assert_allclose(
+                out.logits[i].numpy(), alone[i].logits[0].numpy(), rtol=1e-5, atol=1e-5,
+                err_msg=f"{name}: logits of image {i}",
+            )  # fmt: skip
+            np.testing.assert_allclose(
+                model.similarity(out.min_distances[i]).numpy(),
+                model.similarity(alone[i].min_distances[0]).numpy(),
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=f"{name}: similarities of image {i}",
+            )
+    # Each prototype's own image scores it at the maximum, log(1 / eps), to float32.
+    own = torch.stack([batch.min_distances[j % 16, j] for j in range(model.num_prototypes)])
+    assert float(own.max()) < 1e-9
+    # The float32 sum, for comparison, is off by the residue the test guards against.
+    with torch.inference_mode():
+        z = model.conv_features(x.contiguous())
+        rough = l2_distances(z, model.prototype_vectors).flatten(2).amin(dim=2)
+    assert float((rough - batch.min_distances).abs().max()) > 1e-7

@@ -77,6 +77,10 @@ class Case:
     message: str  # a substring the error message must hold ("" for 200)
 
 
+def random_bytes(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
 def bad_inputs(max_upload_bytes: int = 10 * 1024 * 1024) -> list[Case]:
     """The corpus: each upload with the status, code and message a client should get."""
     cat = Image.fromarray(photos()["cat"])
@@ -141,6 +145,32 @@ def bad_inputs(max_upload_bytes: int = 10 * 1024 * 1024) -> list[Case]:
             "truncated",
         ),
         Case("corrupt png", corrupt_png, "image/png", 400, "corrupt_image", "corrupt"),
+        # A valid signature and IHDR, then random bytes: a broken chunk, not an unknown
+        # format (Pillow's open() only says it cannot identify the file).
+        Case(
+            "png signature then garbage",
+            png_bytes(64, 64, b"")[:33] + random_bytes(5007, seed=1),
+            "image/png",
+            400,
+            "corrupt_image",
+            "starts like a PNG file but is corrupt: broken PNG file",
+        ),
+        Case(
+            "jpeg signature then garbage",
+            jpeg[:4] + random_bytes(3000, seed=2),
+            "image/jpeg",
+            400,
+            "corrupt_image",
+            "starts like a JPEG file but is corrupt",
+        ),
+        Case(
+            "tiff signature then garbage",
+            b"II*\x00" + random_bytes(3000, seed=3),
+            "image/tiff",
+            400,
+            "corrupt_image",
+            "starts like a TIFF file but is corrupt",
+        ),
         Case(
             "png bomb",
             png_bomb(),
