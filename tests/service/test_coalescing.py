@@ -60,7 +60,7 @@ def test_two_replicas_hand_out_the_body_redis_kept(
         for seed in range(3):  # each round a new image, sent to both replicas at once
             data = encode(noisy(photo_images["person"].resize((128, 128)), 2200 + seed), "PNG")
             with cf.ThreadPoolExecutor(2) as pool:
-                ra, rb = pool.map(lambda url: burst(url, data, 8), [a.url, b.url])
+                ra, rb = pool.map(burst, [a.url, b.url], [data, data], [8, 8])
             bodies = {r.content for r in ra + rb if r.status_code == 200}
             assert len(ra + rb) == 16 and len(bodies) == 1
             eid = ra[0].json()["id"]
