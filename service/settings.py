@@ -81,6 +81,9 @@ class Settings(BaseSettings):
 
     # -- limits ---------------------------------------------------------------------
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)  # 10 MiB
+    # A request's line and headers together; beyond it the connection gets a 400 and is
+    # closed (uvicorn's h11 limit). nginx's default allows 4 x 8 KiB header lines.
+    max_header_bytes: int = Field(default=64 * 1024, ge=4096)
     max_image_pixels: int = Field(default=40_000_000, ge=64)  # also Pillow's bomb threshold
     max_instances: int = Field(default=16, ge=1)  # images per KServe-style request
 
