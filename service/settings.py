@@ -98,7 +98,12 @@ class Settings(BaseSettings):
     # -- HTTP -----------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    api_keys: CommaList = Field(default_factory=list)  # empty: no key needed
+    # Empty: no key needed. Set: every route needs one but /healthz and /readyz (probes);
+    # /metrics too (Prometheus sends it: ``authorization: {credentials: <key>}``).
+    api_keys: CommaList = Field(default_factory=list)
+    # /docs, /redoc and /openapi.json. Unset: served unless API keys are set (a keyed
+    # service does not describe itself to strangers); true or false decides outright.
+    docs: bool | None = None
     api_key_header: str = "X-API-Key"
     cors_origins: CommaList = Field(default_factory=list)
     graceful_shutdown_s: int = Field(default=30, ge=0)
@@ -122,6 +127,10 @@ class Settings(BaseSettings):
         if self.worker_threads is not None:
             return self.worker_threads
         return min(32, max(4, usable_cores()))
+
+    @property
+    def serves_docs(self) -> bool:
+        return self.docs if self.docs is not None else not self.api_keys
 
     def startup_models(self) -> list[str]:
         """The model references loaded at start-up, the default first."""

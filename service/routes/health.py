@@ -1,4 +1,5 @@
-"""Liveness, readiness and Prometheus metrics (no API key: probes and scrapers)."""
+"""Liveness and readiness (never an API key: probes), Prometheus metrics (the API key
+when keys are set)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import CacheDep, RegistryDep
+from service.deps import ApiKey, CacheDep, RegistryDep
 from service.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -56,7 +57,7 @@ async def readyz(registry: RegistryDep, cache: CacheDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=code)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[ApiKey])
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     data = generate_latest(request.app.state.metrics.registry)

@@ -36,7 +36,14 @@ def test_readiness_keys_cors_and_request_ids(tmp_path: Path) -> None:
             assert r.status_code == 503
             assert r.json()["status"] == "failed"
             assert "unknown model 'photo'" in r.json()["detail"]
-            assert c.get("/metrics").status_code == 200  # probes and scrapers need no key
+            # With keys set, metrics need one too (Prometheus sends it as a bearer token)
+            # and the API docs are not served unless PROTOPNET_DOCS says so.
+            r = c.get("/metrics")
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+            scrape = c.get("/metrics", headers={"Authorization": "Bearer key-one"})
+            assert scrape.status_code == 200 and "protopnet_requests_total" in scrape.text
+            for path in ("/docs", "/redoc", "/openapi.json"):
+                assert c.get(path, headers={"X-API-Key": "key-one"}).status_code == 404, path
 
             # API keys: header or bearer token; the error says how to send one.
             r = c.get("/models")
@@ -74,13 +81,24 @@ def test_readiness_keys_cors_and_request_ids(tmp_path: Path) -> None:
             device = "cuda:0" if torch.cuda.is_available() else "cpu"
             assert r.json()["devices"] == {"photo@1": device}
 
-            spec = c.get("/openapi.json").json()
-            assert (
-                "/explain" in spec["paths"] and "ExplainResponse" in spec["components"]["schemas"]
-            )
-            body = spec["paths"]["/explain"]["post"]["requestBody"]["content"]
-            assert set(body) == {"multipart/form-data", "image/*", "application/dicom"}
         log = srv.log()
         assert '"request_id": "trace-42"' in log  # structured access log carries the id
+    finally:
+        srv.stop()
+
+
+def test_docs_are_served_without_keys_or_when_asked(tmp_path: Path, server) -> None:
+    spec = httpx.get(server.url + "/openapi.json").json()  # no keys: docs are public
+    assert "/explain" in spec["paths"] and "ExplainResponse" in spec["components"]["schemas"]
+    body = spec["paths"]["/explain"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "image/*", "application/dicom"}
+    assert httpx.get(server.url + "/docs").status_code == 200
+    empty = tmp_path / "store"
+    empty.mkdir()
+    srv = start_server(tmp_path, empty, wait_ready=False, api_keys="k", docs="true")
+    try:
+        assert httpx.get(srv.url + "/openapi.json").status_code == 200  # asked for: public
+        assert httpx.get(srv.url + "/redoc").status_code == 200
+        assert httpx.get(srv.url + "/models").status_code == 401  # the rest keeps its key
     finally:
         srv.stop()
