@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -58,8 +59,18 @@ ModelPath = Annotated[
         "name@version or name@alias"
     ),
 ]
+
+
+def _canonical_index(value: object) -> object:
+    """Digits only, no sign, no spaces, no leading zeros: "-0" and " 1" name no prototype."""
+    if isinstance(value, str) and not re.fullmatch(r"0|[1-9][0-9]{0,8}", value):
+        raise ValueError("a prototype index is a whole number written in digits, like 0 or 12")
+    return value
+
+
 PrototypePath = Annotated[
     int,
+    BeforeValidator(_canonical_index),
     Path(description="a prototype's index in the model, as the JSON's prototype fields give it"),
 ]
 
@@ -106,24 +117,27 @@ class Upload:
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MiB"
+    return f"{n / (1024 * 1024):.4g} MiB"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes (declared or streamed)."""
+async def read_body(request: Request, limit: int, allowed: int | None = None) -> bytes:
+    """The whole body, refusing more than ``allowed`` bytes (declared or streamed; default
+    ``limit``). Messages name ``limit``, the configured size a client must stay within
+    (a multipart body is allowed ``MULTIPART_OVERHEAD`` more for its framing)."""
+    allowed = limit if allowed is None else allowed
+    stated = f"the limit is {limit} bytes ({_mib(limit)}, PROTOPNET_MAX_UPLOAD_BYTES)"
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isdigit() and int(declared) > allowed:
         raise TooLargeError(
-            f"the request body is {int(declared)} bytes ({_mib(int(declared))}); "
-            f"the limit is {limit} bytes ({_mib(limit)})",
+            f"the request body is {int(declared)} bytes ({_mib(int(declared))}); {stated}",
             headers={"Connection": "close"},
         )
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk
-        if len(buf) > limit:
+        if len(buf) > allowed:
             raise TooLargeError(
-                f"the request body exceeds the limit of {limit} bytes ({_mib(limit)})",
+                f"the request body is over {len(buf)} bytes; {stated}",
                 headers={"Connection": "close"},
             )
     return bytes(buf)
@@ -146,7 +160,7 @@ async def read_upload(request: Request, settings: Settings) -> Upload:
     limit = settings.max_upload_bytes
     media = _media_type(request)
     if media == "multipart/form-data":
-        body = await read_body(request, limit + MULTIPART_OVERHEAD)
+        body = await read_body(request, limit, allowed=limit + MULTIPART_OVERHEAD)
         if not body:
             raise EmptyImageError(f"the request body is empty; {ACCEPTED}")
         return await _parse_multipart(request, body, limit)
@@ -179,7 +193,8 @@ async def _parse_multipart(request: Request, body: bytes, limit: int) -> Upload:
         data = await image.read()
         if len(data) > limit:
             raise TooLargeError(
-                f"the image is {len(data)} bytes ({_mib(len(data))}); the limit is {limit} bytes"
+                f"the image is {len(data)} bytes ({_mib(len(data))}); the limit is {limit} "
+                f"bytes ({_mib(limit)}, PROTOPNET_MAX_UPLOAD_BYTES)"
             )
         if not data:
             raise EmptyImageError(f"the multipart field 'image' is empty; {ACCEPTED}")
@@ -223,6 +238,11 @@ def resolve_options(
         except ValidationError as e:
             errs = [dict(err, loc=(source, name), input=raw) for err in e.errors()]
             raise BadOptionError(validation_message(errs)) from None
+    if values.get("model") is not None and not values["model"].strip():
+        raise BadOptionError(
+            "model is empty: give name, name@version or name@alias, or leave the option "
+            f"out for the default model ({settings.default_model})"
+        )
     values.setdefault("top_classes", settings.default_top_classes)
     values.setdefault("top_prototypes", settings.default_top_prototypes)
     opts = ExplainOptions(**values)

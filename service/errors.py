@@ -106,6 +106,18 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+ECHO_CHARS = 40  # of a bad value repeated in an error message
+
+
+def shown_value(value: Any) -> str:
+    """``repr(value)``, cut to ECHO_CHARS: an error names what was sent without echoing
+    a 5000-digit option back in full."""
+    text = repr(value)
+    if len(text) <= ECHO_CHARS:
+        return text
+    return f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
+
+
 def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
     """Pydantic's errors as one sentence per bad field, naming the value that was sent."""
     parts = []
@@ -114,7 +126,7 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
         where = " ".join(loc) if loc else "request"
         msg = e.get("msg", "invalid")
         if "input" in e and e.get("type") != "missing":
-            parts.append(f"{where}: {msg} (got {e['input']!r})")
+            parts.append(f"{where}: {msg} (got {shown_value(e['input'])})")
         else:
             parts.append(f"{where}: {msg}")
     return "; ".join(parts) or "invalid request"

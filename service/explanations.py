@@ -392,14 +392,17 @@ class ExplanationService:
             raise self._missing(eid)
         return rd, await self.run(render.decode_jpeg, jpeg)
 
-    async def heatmap(self, eid: str, prototype: int, style: str) -> bytes:
-        return (await self.heatmaps(eid, [prototype], style))[0]
+    async def heatmap(self, eid: str, prototype: int, style: str, size: str = "display") -> bytes:
+        return (await self.heatmaps(eid, [prototype], style, size))[0]
 
-    async def heatmaps(self, eid: str, prototypes: list[int], style: str) -> list[bytes]:
+    async def heatmaps(
+        self, eid: str, prototypes: list[int], style: str, size: str = "display"
+    ) -> list[bytes]:
         """Several prototypes' heatmaps: one cache read for all, the missing ones drawn
         in one pool job per core (not one each: a thread hand-off and a cache round trip
         per picture cost more than a small picture), and one cache write."""
-        fields = [f"png:{j}:{style}" for j in prototypes]
+        suffix = "" if size == "display" else f":{size}"
+        fields = [f"png:{j}:{style}{suffix}" for j in prototypes]
         found = await self.cache.get_many(eid, fields)
         todo = [j for j, f in zip(prototypes, fields, strict=True) if f not in found]
         if todo:
@@ -407,10 +410,10 @@ class ExplanationService:
             n = min(len(todo), self.draw_jobs)
             chunks = [todo[i::n] for i in range(n)]
             drawn = await asyncio.gather(
-                *(self.run(render.heatmap_pngs, rd, image, c, style) for c in chunks)
+                *(self.run(render.heatmap_pngs, rd, image, c, style, size) for c in chunks)
             )
             new = {
-                f"png:{j}:{style}": png
+                f"png:{j}:{style}{suffix}": png
                 for c, pngs in zip(chunks, drawn, strict=True)
                 for j, png in zip(c, pngs, strict=True)
             }

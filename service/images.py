@@ -140,8 +140,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image | DicomFile:
     except Image.DecompressionBombError as e:
         raise TooManyPixelsError(f"{e}; the limit is {max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        fmt = sniff_format(data) or "image"
-        raise BadImageError(f"could not read the {fmt} file's header: {e}") from None
+        fmt = sniff_format(data)
+        if fmt is not None:
+            raise BadImageError(
+                f"the upload starts like a {fmt} file but is corrupt: {e}"
+            ) from None
+        raise BadImageError(f"could not read the image header: {e}") from None
     w, h = img.size
     if w < 1 or h < 1:
         raise BadImageError(f"the image declares an empty size {w} x {h}")

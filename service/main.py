@@ -125,7 +125,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID", "X-Cache", "Retry-After"],
+            expose_headers=[
+                "X-Request-ID",
+                "X-Cache",
+                "Retry-After",
+                "X-Heatmap-Width",
+                "X-Heatmap-Height",
+            ],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

@@ -20,7 +20,12 @@ from safetensors.numpy import save as st_save
 from protopnet.config import Preprocessing
 from protopnet.explain import ImageExplanation, place_maps_np
 from protopnet.visualize import crop, draw_boxes, encode_png, heatmap_rgba, overlay, percentile_mask
-from service.errors import NotFoundError
+from service.errors import BadOptionError, NotFoundError
+
+
+class UploadSizeOverlayError(BadOptionError):
+    """An overlay at the upload's size: the service keeps only the display image."""
+
 
 STYLES = ("overlay", "heatmap", "mask")
 
@@ -132,17 +137,29 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def display_map(rd: RenderData, i: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Map i upsampled onto the display canvas, and the model input's visible window."""
-    canvas, window = place_maps_np(
-        rd.low_res[i : i + 1], rd.image_size, rd.display_size, rd.preprocessing
-    )  # (1, Hd, Wd)
-    return canvas[0], window
+def display_map(
+    rd: RenderData, i: int, canvas: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Map i upsampled onto a canvas (default the display size; ``rd.image_size`` for the
+    upload's own pixels), and the model input's visible window in it."""
+    placed, window = place_maps_np(
+        rd.low_res[i : i + 1], rd.image_size, canvas or rd.display_size, rd.preprocessing
+    )  # (1, H, W)
+    return placed[0], window
 
 
-def heatmap_png(rd: RenderData, image: np.ndarray, prototype: int, style: str) -> bytes:
-    """One prototype's heatmap at display size, as PNG bytes."""
-    m, (x0, y0, x1, y1) = display_map(rd, rd.index(prototype))
+def heatmap_png(
+    rd: RenderData, image: np.ndarray, prototype: int, style: str, size: str = "display"
+) -> bytes:
+    """One prototype's heatmap as PNG bytes, at display size or (``size="upload"``) at the
+    upload's own size, the pixels its JSON box is given in."""
+    canvas = rd.image_size if size == "upload" else rd.display_size
+    if size == "upload" and style == "overlay":
+        raise UploadSizeOverlayError(
+            "style=overlay is drawn on the display image only; at size=upload ask for "
+            "style=heatmap (RGBA) or style=mask and lay it over your own copy of the image"
+        )
+    m, (x0, y0, x1, y1) = display_map(rd, rd.index(prototype), canvas)
     if style == "overlay":
         return encode_png(overlay(image, m))
     if style == "heatmap":
@@ -156,10 +173,15 @@ def heatmap_png(rd: RenderData, image: np.ndarray, prototype: int, style: str) -
 
 
 def heatmap_pngs(
-    rd: RenderData, image: np.ndarray, prototypes: list[int], style: str
+    rd: RenderData, image: np.ndarray, prototypes: list[int], style: str, size: str = "display"
 ) -> list[bytes]:
     """``heatmap_png`` of several prototypes, in order."""
-    return [heatmap_png(rd, image, j, style) for j in prototypes]
+    return [heatmap_png(rd, image, j, style, size) for j in prototypes]
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
 
 
 def activation_image(rd: RenderData, image: np.ndarray, prototype: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 HeatmapMode = Literal["url", "inline", "none"]
 HeatmapStyle = Literal["overlay", "heatmap", "mask"]
+HeatmapSize = Literal["display", "upload"]
 ImageKind = Literal["patch", "source", "activation"]
 
 

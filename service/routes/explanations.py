@@ -11,8 +11,9 @@ from protopnet.errors import ProtoPNetError
 from service.deps import ApiKey, ExplanationsDep, PrototypePath, RegistryDep, SettingsDep
 from service.errors import NotFoundError
 from service.explanations import ID_LENGTH, is_explanation_id
+from service.render import png_size
 from service.report import render_report
-from service.schemas import ExplainResponse, HeatmapMode, HeatmapStyle
+from service.schemas import ExplainResponse, HeatmapMode, HeatmapSize, HeatmapStyle
 
 router = APIRouter(prefix="/explanations", tags=["explanations"], dependencies=[ApiKey])
 
@@ -56,12 +57,22 @@ async def get_heatmap(
     svc: ExplanationsDep,
     settings: SettingsDep,
     style: Annotated[HeatmapStyle, Query(description="overlay, heatmap or mask")] = "overlay",
+    size: Annotated[
+        HeatmapSize,
+        Query(description="display (default, at most PROTOPNET_MAX_MAP_SIDE) or upload"),
+    ] = "display",
 ) -> Response:
-    """A prototype's activation map at display size: ``overlay`` (JET over the image,
-    the paper's blend), ``heatmap`` (RGBA, alpha = activation) or ``mask`` (white where
-    the map is >= its 95th percentile, whose bounding box is the JSON's box)."""
-    png = await svc.heatmap(_check_id(eid), prototype, style)
-    return _png(png, settings.cache_ttl_s)
+    """A prototype's activation map: ``overlay`` (JET over the image, the paper's blend),
+    ``heatmap`` (RGBA, alpha = activation) or ``mask`` (white where the map is >= its
+    95th percentile, whose bounding box is the JSON's box). ``size=upload`` draws
+    ``heatmap`` or ``mask`` at the upload's own size (``image.oriented``), the pixels the
+    JSON's boxes are in, to lay over the full-size picture. The headers
+    ``X-Heatmap-Width`` and ``X-Heatmap-Height`` give the PNG's size."""
+    png = await svc.heatmap(_check_id(eid), prototype, style, size)
+    resp = _png(png, settings.cache_ttl_s)
+    w, h = png_size(png)
+    resp.headers["X-Heatmap-Width"], resp.headers["X-Heatmap-Height"] = str(w), str(h)
+    return resp
 
 
 @router.get("/{eid}/boxes.png", response_class=Response, responses=PNG)

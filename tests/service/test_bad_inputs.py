@@ -134,3 +134,38 @@ def test_cmyk_and_transparency_are_converted(client, photo_images) -> None:
     assert _logits(clear) == pytest.approx(_logits(white), abs=1e-5)
     boxes = client.get(clear["links"]["boxes"])
     assert Image.open(io.BytesIO(boxes.content)).size == (120, 80)
+
+
+def test_errors_cut_what_they_echo_and_name_the_configured_limit(client) -> None:
+    png = encode(Image.new("RGB", (32, 32), (200, 10, 10)), "PNG")
+    h = {"Content-Type": "image/png"}
+    r = client.post("/explain", content=png, headers=h, params={"top_classes": "9" * 5000})
+    assert r.status_code == 422
+    msg = r.json()["error"]["message"]
+    assert len(r.content) < 600 and "(5002 characters)" in msg, msg
+    # An empty model is a mistake, not a request for the default.
+    for params in ({"model": ""}, {"model": "  "}):
+        r = client.post("/explain", content=png, headers=h, params=params)
+        assert r.status_code == 422, r.text
+        assert "model is empty" in r.json()["error"]["message"]
+    r = client.post("/explain", data={"model": ""}, files={"image": ("a.png", png, "image/png")})
+    assert r.status_code == 422 and "model is empty" in r.json()["error"]["message"]
+    # A multipart upload over the limit names the limit the operator set: 10 MiB.
+    big = np.random.default_rng(0).integers(0, 256, 10 * 1024 * 1024 + 5000, np.uint8)
+    r = client.post("/explain", files={"image": ("big.png", big.tobytes(), "image/png")})
+    assert r.status_code == 413
+    msg = r.json()["error"]["message"]
+    assert "the limit is 10485760 bytes (10 MiB" in msg and "10.1 MiB" not in msg, msg
+
+
+def test_prototype_indices_are_parsed_strictly(client, photo_images) -> None:
+    body = post(client, encode(photo_images["cat"].resize((64, 64)), "PNG"), "image/png")
+    j = body["prototypes"][0]["prototype"]
+    eid = body["id"]
+    assert client.get(f"/explanations/{eid}/heatmaps/{j}.png").status_code == 200
+    for bad in ("-0", "%20" + str(j), str(j) + "%20", "0" + str(j), "+" + str(j), "1e1"):
+        r = client.get(f"/explanations/{eid}/heatmaps/{bad}.png")
+        assert r.status_code == 422, (bad, r.status_code)
+        assert "written in digits" in r.json()["error"]["message"], r.text
+        r = client.get(f"/models/photo/prototypes/{bad}.png")
+        assert r.status_code == 422, (bad, r.status_code)

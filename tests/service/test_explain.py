@@ -196,6 +196,33 @@ def test_every_box_is_the_percentile_box_of_its_heatmap(client, photo_images) ->
     assert boxes.size == (512, 341) and boxes.mode == "RGB"
 
 
+def test_heatmaps_at_the_uploads_own_size(client, photo_images) -> None:
+    """Boxes are in upload pixels; size=upload draws the map there, for a front end to lay
+    over its full-size picture, and the headers say the size."""
+    body = post_image(client, encode(photo_images["coffee"], "PNG"), top_prototypes=2).json()
+    for p in body["prototypes"][:2]:
+        base = p["heatmap"]["mask"].replace("style=mask", "")
+        r = client.get(base + "style=mask&size=upload")
+        assert r.status_code == 200, r.text
+        assert (r.headers["x-heatmap-width"], r.headers["x-heatmap-height"]) == ("600", "400")
+        mask = np.asarray(Image.open(io.BytesIO(r.content)))
+        assert mask.shape == (400, 600)
+        b = p["box"]
+        # The percentile region at full size bounds the JSON's box to within a pixel of
+        # the display map's rounding (boxes are grown outward from display pixels).
+        got = mask_box(mask)
+        assert np.allclose(got, (b["x0"], b["y0"], b["x1"], b["y1"]), atol=2), (got, b)
+        heat = client.get(base + "style=heatmap&size=upload")
+        assert Image.open(io.BytesIO(heat.content)).size == (600, 400)
+        shown = client.get(base + "style=heatmap")
+        assert (shown.headers["x-heatmap-width"], shown.headers["x-heatmap-height"]) == (
+            "512",
+            "341",
+        )
+        r = client.get(base + "style=overlay&size=upload")
+        assert r.status_code == 422 and "style=heatmap" in r.json()["error"]["message"]
+
+
 @needs_fashion
 def test_explains_a_demo_model_image(client, store_root) -> None:
     imgs, _ = fashion_test_images(3)

@@ -64,11 +64,14 @@ def test_exif_orientation_swaps_the_reported_size() -> None:
 
 def test_errors_name_the_problem() -> None:
     with pytest.raises(UnsupportedMediaError, match="looks like text"):
+        decode_image(b"GIF? no, just text", PREP, 10**7, 512)
+    # A supported format's signature followed by nonsense is a corrupt file of it.
+    with pytest.raises(BadImageError, match="starts like a GIF file but is corrupt"):
         decode_image(b"GIF89a? no, just text", PREP, 10**7, 512)
     with pytest.raises(UnsupportedMediaError, match="unknown format"):
         decode_image(bytes(range(256)) * 4, PREP, 10**7, 512)
     jpeg = encode(Image.fromarray(photos()["cat"]), "JPEG")
     with pytest.raises(BadImageError, match="JPEG image is truncated or corrupt"):
         decode_image(jpeg[: len(jpeg) // 2], PREP, 10**7, 512)
-    with pytest.raises(BadImageError, match="could not read the image header"):
+    with pytest.raises(BadImageError, match="starts like a JPEG file but is corrupt"):
         decode_image(jpeg[:200], PREP, 10**7, 512)
