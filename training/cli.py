@@ -326,39 +326,45 @@ EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "ankle-boo
 
 
 def _wait_ready(url: str, proc: Any, timeout_s: float = 180.0) -> bool:
-    """Poll /readyz until the service answers 200 (or the process dies)."""
+    """Poll /readyz until the service answers 200 (or the process dies). urllib, not an
+    HTTP client package: the command needs only the runtime dependencies."""
     import time
-
-    import httpx
+    import urllib.error
+    import urllib.request
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.3)
     return False
 
 
 def _explain_example(url: str, ref: str) -> str | None:
-    """POST the bundled example image; the id of its explanation, or None."""
-    import httpx
+    """POST the bundled example image (a raw image/png body); its explanation's id."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
 
     if not EXAMPLE_IMAGE.is_file():
         return None
+    query = urllib.parse.urlencode({"model": ref})
+    req = urllib.request.Request(
+        f"{url}/explain?{query}",
+        data=EXAMPLE_IMAGE.read_bytes(),
+        headers={"Content-Type": "image/png"},
+        method="POST",
+    )
     try:
-        with open(EXAMPLE_IMAGE, "rb") as f:
-            r = httpx.post(
-                f"{url}/explain",
-                params={"model": ref},
-                files={"image": (EXAMPLE_IMAGE.name, f, "image/png")},
-                timeout=60,
-            )
-    except httpx.HTTPError:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return str(json.loads(r.read())["id"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
         return None
-    return str(r.json()["id"]) if r.status_code == 200 else None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
