@@ -102,22 +102,20 @@ def test_test_only_packages_are_not_importable_there(plain_python) -> None:
 
 def test_every_verb_starts_without_extras(plain_python) -> None:
     py, env = plain_python
+    names = [
+        "check",
+        "train",
+        "evaluate",
+        "push",
+        "prune",
+        "export",
+        "ensemble",
+        "synthetic",
+        "demo",
+    ]
     verbs = [
         ["-m", "training", "--help"],
-        *(
-            ["-m", "training", v, "--help"]
-            for v in (
-                "check",
-                "train",
-                "evaluate",
-                "push",
-                "prune",
-                "export",
-                "ensemble",
-                "synthetic",
-                "demo",
-            )
-        ),  # fmt: skip
+        *(["-m", "training", v, "--help"] for v in names),
         ["-m", "model_store", "--help"],
         ["-m", "service", "--help"],
     ]
