@@ -21,12 +21,18 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 
 WORKDIR /app
-# Dependencies first (the torch layer is large and changes rarely), then the code.
-COPY pyproject.toml README.md* ./
+# Dependencies first, in a layer that only pyproject.toml invalidates (torch and its CUDA
+# wheels are gigabytes): its [project] dependencies, read with tomllib, installed alone.
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+# Then the code: a change here reinstalls only the project itself.
+COPY README.md* ./
 COPY protopnet ./protopnet
 COPY model_store ./model_store
 COPY service ./service
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
     && groupadd --gid 10001 app \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin app \
     && mkdir -p /store \

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -62,3 +66,37 @@ def test_compose_defaults_serve_the_demo_model(monkeypatch: pytest.MonkeyPatch) 
         8000,
     )
     assert s.models == [] and s.api_keys == [] and s.device == "auto"
+
+
+def dockerfile_steps() -> list[tuple[str, str]]:
+    """(instruction, rest) of each Dockerfile step, continuation lines joined."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    steps = []
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            op, _, rest = line.strip().partition(" ")
+            steps.append((op, rest))
+    return steps
+
+
+def test_dependencies_install_in_a_layer_only_pyproject_invalidates(tmp_path: Path) -> None:
+    steps = dockerfile_steps()
+    copies = [i for i, (op, _) in enumerate(steps) if op == "COPY"]
+    installs = [i for i, (op, rest) in enumerate(steps) if op == "RUN" and "pip install" in rest]
+    assert steps[copies[0]][1].split() == ["pyproject.toml", "./"]  # the first COPY alone
+    deps_step, code_step = installs[0], installs[-1]
+    assert copies[0] < deps_step < copies[1], "the dependencies install before the code"
+    assert "--no-deps ." in steps[code_step][1], "the code's install must not reinstall torch"
+    # The dependency step's own command lists exactly the project's runtime requirements.
+    command = steps[deps_step][1].split(" && ")[0].strip()
+    assert command.startswith("python3 -c ") and command.endswith("> /tmp/requirements.txt")
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    script = command.removeprefix("python3 -c ").removesuffix(" > /tmp/requirements.txt")
+    out = subprocess.run(
+        f"{sys.executable} -c {script}", shell=True, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    with open(REPO / "pyproject.toml", "rb") as f:
+        wanted = tomllib.load(f)["project"]["dependencies"]
+    assert out.stdout.split() == wanted
+    assert not {"httpx", "pytest"} & {r.split(">")[0].split("=")[0] for r in wanted}
