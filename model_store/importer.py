@@ -331,6 +331,36 @@ def _open_image(path: Path) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
+# The check after publishing
+
+PROBES = 4  # random inputs whose logits the stored version must reproduce
+
+
+def check_published(store: ModelStore, ref: str, model: ProtoPNet) -> None:
+    """The version ``ref``, loaded back from the store, holds ``model``'s tensors and gives
+    its logits on a few seeded random inputs; else PublishError naming what differs."""
+    loaded = store.load(ref).model.eval()
+    want, got = model.state_dict(), loaded.state_dict()
+    differ = sorted(k for k in set(want) | set(got) if k not in got or k not in want)
+    differ += sorted(
+        k for k in set(want) & set(got)
+        if want[k].shape != got[k].shape or not torch.equal(want[k], got[k])
+    )  # fmt: skip
+    S = model.config.img_size
+    x = torch.rand(PROBES, 3, S, S, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = model(x)[0], loaded(x)[0]  # (PROBES, K)
+    gap = float((a - b).abs().max())
+    if differ or not torch.allclose(a, b, rtol=1e-5, atol=1e-5):
+        raise PublishError(
+            f"the published {ref} does not reproduce the checkpoint: its logits on "
+            f"{PROBES} probe inputs differ by up to {gap:.3g}"
+            + (f"; tensors that differ: {', '.join(differ[:5])}" if differ else "")
+            + "; it was removed from the store"
+        )
+
+
+# ---------------------------------------------------------------------------------------
 # The whole import
 
 
@@ -397,6 +427,8 @@ def import_reference(
             for j, k in enumerate(config.classes_of_prototypes())
         ]
     digest = sha256_file(Path(weights))
+    # Published without aliases, checked, then aliased: a version that does not give the
+    # file's logits is removed before any alias points at it.
     manifest = store.publish(
         name,
         model,
@@ -411,9 +443,16 @@ def import_reference(
             "images_dir": None if images_dir is None else str(Path(images_dir).resolve()),
             "images_seen": seen,
         },
-        aliases=aliases,
+        aliases=(),
         source="import-reference",
         version=version,
     )
+    try:
+        check_published(store, f"{manifest.name}@{manifest.version}", model)
+    except BaseException:
+        store.remove(manifest.name, manifest.version, force=True)
+        raise
+    for alias in aliases:
+        store.promote(manifest.name, manifest.version, alias)
     without = [j for j in range(config.num_prototypes) if j not in visuals]
     return ImportResult(manifest=manifest, without_images=without, images_seen=seen)

@@ -19,6 +19,7 @@ from protopnet.errors import UnknownNameError, WeightsError
 from protopnet.preprocess import eval_transform
 
 from .conftest import IMG, tiny_model
+from .reference_format import ReferencePPNet
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,23 +51,62 @@ def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> No
     assert torch.equal(da, db)
 
 
+REF_IMG = 64  # VGG-11's five pools: 64 px -> a 2 x 2 latent grid
+
+
+@pytest.fixture(scope="module")
+def reference_net() -> ReferencePPNet:
+    return ReferencePPNet(seed=3).eval()
+
+
+def _ref_batch() -> torch.Tensor:
+    return torch.rand(3, 3, REF_IMG, REF_IMG, generator=torch.Generator().manual_seed(7))
+
+
 @pytest.mark.parametrize("form", ["pth", "data_parallel", "legacy", "wrapped", "safetensors"])
-def test_imported_model_gives_the_source_outputs(
-    store: ModelStore, tmp_path: Path, batch: torch.Tensor, form: str
+def test_imported_model_gives_the_reference_networks_logits(
+    store: ModelStore, tmp_path: Path, reference_net: ReferencePPNet, form: str
 ) -> None:
-    source = tiny_model(seed=3)
-    path = _save(source, tmp_path / "ref.pth", form)
+    """A checkpoint in the reference's key names and shapes, from a network written the
+    reference's way (not this project's classes), in each form users save it in: the
+    version in the store gives that network's own logits."""
+    path = _save(reference_net, tmp_path / "ref.pth", form)
     result = import_reference(
-        store, path, "ref", backbone="tiny_cnn", class_names=["a", "b", "c"], img_size=IMG
+        store, path, "ref", backbone="vgg11", class_names=["a", "b", "c"], img_size=REF_IMG
     )
     assert result.manifest.source == "import-reference"
     assert result.without_images == list(range(6))
     loaded = store.load("ref")
-    _same_outputs(source, loaded.model, batch)
+    x = _ref_batch()
+    with torch.no_grad():
+        want = reference_net(x).float()
+        got, _ = loaded.model.eval()(x)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
     arch = loaded.manifest.architecture
-    assert (arch.num_classes, arch.num_prototypes, arch.prototype_depth) == (3, 6, 8)
+    assert (arch.num_classes, arch.num_prototypes, arch.prototype_depth) == (3, 6, 32)
+    assert arch.add_on == "regular"
     assert arch.classes_of_prototypes() == [0, 0, 1, 1, 2, 2]  # contiguous P / K blocks
-    assert loaded.manifest.preprocessing.mean == (0.5, 0.5, 0.5)  # the trunk's own
+    assert store.aliases("ref") == {"latest": "1"}
+
+
+def test_a_version_that_does_not_reproduce_the_checkpoint_is_refused_and_removed(
+    store: ModelStore, tmp_path: Path, reference_net: ReferencePPNet, monkeypatch
+) -> None:
+    path = _save(reference_net, tmp_path / "ref.pth", "pth")
+    real_load = ModelStore.load
+
+    def damaged(self: ModelStore, ref: str) -> Any:  # the artifact as a bad write left it
+        loaded = real_load(self, ref)
+        with torch.no_grad():
+            loaded.model.last_layer.weight[0, 0] += 1.0
+        return loaded
+
+    monkeypatch.setattr(ModelStore, "load", damaged)
+    with pytest.raises(PublishError, match=r"differ by up to .*last_layer\.weight.*removed"):
+        import_reference(
+            store, path, "ref", backbone="vgg11", class_names=list("abc"), img_size=REF_IMG
+        )
+    assert store.list() == []  # nothing of the import is left
 
 
 def test_shapes_and_depth_of_add_on_come_from_the_tensors(
@@ -111,21 +151,20 @@ def test_whole_model_pickle_is_refused_without_running_it(tmp_path: Path) -> Non
 
 
 def test_trusted_whole_model_pickle_imports(
-    store: ModelStore, tmp_path: Path, batch: torch.Tensor
+    store: ModelStore, tmp_path: Path, reference_net: ReferencePPNet
 ) -> None:
-    source = tiny_model(seed=5)
     path = tmp_path / "whole.pth"
-    torch.save(source, path)  # what the reference's save_model_w_condition writes
+    torch.save(reference_net, path)  # what the reference's save_model_w_condition writes
+    kw: dict[str, Any] = dict(backbone="vgg11", class_names=list("abc"), img_size=REF_IMG)
     with pytest.raises(UnsafePickleError):
-        import_reference(
-            store, path, "w", backbone="tiny_cnn", class_names=list("abc"), img_size=IMG
-        )
+        import_reference(store, path, "w", **kw)
     assert store.list() == []
-    import_reference(
-        store, path, "w", backbone="tiny_cnn", class_names=list("abc"), img_size=IMG,
-        trust_pickle=True,
-    )  # fmt: skip
-    _same_outputs(source, store.load("w").model, batch)
+    import_reference(store, path, "w", trust_pickle=True, **kw)
+    x = _ref_batch()
+    with torch.no_grad():
+        got, _ = store.load("w").model.eval()(x)
+        want = reference_net(x).float()
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
