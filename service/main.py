@@ -108,11 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="POST an image, get 'this looks like that': prototypes, scoring sheets, boxes.",
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
-        **(
-            {}
-            if settings.serves_docs
-            else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-        ),
+        docs_url="/docs" if settings.serves_docs else None,
+        redoc_url="/redoc" if settings.serves_docs else None,
+        openapi_url="/openapi.json" if settings.serves_docs else None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
