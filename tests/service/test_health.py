@@ -102,3 +102,16 @@ def test_docs_are_served_without_keys_or_when_asked(tmp_path: Path, server) -> N
         assert httpx.get(srv.url + "/models").status_code == 401  # the rest keeps its key
     finally:
         srv.stop()
+
+
+def test_numpy_blas_runs_single_threaded_in_the_server(server) -> None:
+    """The server's own reading of its BLAS libraries (threadpoolctl), from its start-up
+    log line: numpy's OpenBLAS defaults to one thread per core."""
+    import json
+
+    start = next(
+        json.loads(line)
+        for line in server.log().splitlines()
+        if line.startswith("{") and '"service starting"' in line
+    )
+    assert start["blas_threads"] == 1, start
