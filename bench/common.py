@@ -13,26 +13,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from protopnet.config import ProtoPNetConfig
-
 # Where results go: bench/results, or $PROTOPNET_BENCH_RESULTS (a GPU machine's runs are
 # written to their own folder and kept beside the CPU ones, in bench/results/gpu).
 RESULTS_DIR = Path(
     os.environ.get("PROTOPNET_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
 )
-
-
-def cub_vgg19_config(num_classes: int = 200) -> ProtoPNetConfig:
-    """CUB scale as the reference implementation measured it (its settings.py): VGG-19
-    trunk, 200 classes x 10 prototypes, D = 128, regular add-on layers, 224 px."""
-    return ProtoPNetConfig(
-        backbone="vgg19",
-        num_classes=num_classes,
-        prototypes_per_class=10,
-        prototype_depth=128,
-        add_on="regular",
-        img_size=224,
-    )
 
 
 def device_name(device: Any = None) -> str:

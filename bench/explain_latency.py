@@ -41,7 +41,11 @@ import httpx
 import torch
 
 from bench.common import device_name, p50, seconds_of, write_result
-from bench.serving import (
+from protopnet.threads import use_torch_threads
+from service.deps import resolve_options
+from service.images import DecodedImage, decode_image
+from tests.support.servers import ServerProcess
+from tests.support.serving import (
     ModelSource,
     RequestImages,
     add_model_args,
@@ -49,10 +53,6 @@ from bench.serving import (
     model_cases,
     serve,
 )
-from protopnet.threads import use_torch_threads
-from service.deps import resolve_options
-from service.images import DecodedImage, decode_image
-from tests.service.conftest import ServerProcess
 
 GOAL_RATIO = 1.3
 

@@ -38,11 +38,17 @@ import orjson
 import torch
 
 from bench.common import device_name, p50, write_result
-from bench.serving import ModelSource, RequestImages, add_model_args, in_process, model_cases
 from protopnet.threads import use_torch_threads
 from service import render
 from service.explanations import build_explanation, image_info
 from service.images import decode_image
+from tests.support.serving import (
+    ModelSource,
+    RequestImages,
+    add_model_args,
+    in_process,
+    model_cases,
+)
 
 SWITCH_INTERVAL_S = 2e-4  # short, so a step waiting for the GIL gets it back soon
 

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import cub_vgg19_config, device_name, p50, write_result
+from bench.common import device_name, p50, write_result
 from protopnet import PrototypeExplainer, create_model, get_backbone_spec
 from protopnet.explain import percentile_boxes, upsample_maps
 from protopnet.preprocess import eval_transform
 from protopnet.visualize import crop, draw_boxes, encode_png, overlay
+from tests.support.serving import cub_vgg19_config
 
 KINDS = ("patch", "source", "activation")
 REFERENCE_S = 34.8  # reference implementation, same job, these machines

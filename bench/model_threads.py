@@ -33,13 +33,13 @@ from typing import Any
 import torch
 
 from bench.common import device_name, p50, write_result
-from bench.serving import publish_random
 from model_store import ModelStore
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.threads import DEFAULT_TORCH_THREADS, use_torch_threads
 from service.main import create_app
 from service.registry import ServedModel
 from service.settings import Settings
+from tests.support.serving import publish_random
 
 
 async def _forwards(model: ServedModel, x: torch.Tensor, repeats: int) -> list[float]:

@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import cub_vgg19_config, device_name, peak_rss_mib, write_result
+from bench.common import device_name, peak_rss_mib, write_result
+from tests.support.serving import cub_vgg19_config
 
 REFERENCE_VGG19_S = 159.0
 CASES = ("demo", "demo_bf16", "synthetic", "vgg19", "vgg19_30", "vgg19_30_bf16")

@@ -25,9 +25,9 @@ from typing import Any
 import httpx
 
 from bench.common import device_name, write_result
-from bench.serving import RequestImages as Images
-from bench.serving import demo_model, metric_sum, run_load, serve, vgg19_model
 from model_store import ModelStore
+from tests.support.serving import RequestImages as Images
+from tests.support.serving import demo_model, metric_sum, run_load, serve, vgg19_model
 
 MODES: dict[str, dict[str, Any]] = {"batched": {}, "unbatched": {"max_batch": 1}}
 

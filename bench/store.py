@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import cub_vgg19_config, device_name, write_result
+from bench.common import device_name, write_result
 from model_store import ModelStore, PrototypeRecord, PrototypeVisuals
 from model_store.store import WEIGHTS
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.explain import upsample_maps
 from protopnet.model import create_model
 from protopnet.visualize import crop, draw_boxes, encode_png, overlay
+from tests.support.serving import cub_vgg19_config
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> float:

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from bench.accuracy import Baseline
-from bench.common import cub_vgg19_config, device_name, p50, seconds_of, write_result
+from bench.common import device_name, p50, seconds_of, write_result
 from protopnet.model import create_model
+from tests.support.serving import cub_vgg19_config
 from training import engine
 from training.config import LossCoefficients, load_config
 from training.data import TransformedImages, build_splits

@@ -109,8 +109,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await registry.close()
             await cache.close()
             pool.shutdown(wait=True)
-            torch.set_num_threads(loop_threads)
+            # threadpoolctl restores OpenMP's count too, as it was when BLAS was limited:
+            # so first, and torch's own count after it.
             blas.restore_original_limits()
+            torch.set_num_threads(loop_threads)
             log.info("service stopped")
 
     app = FastAPI(

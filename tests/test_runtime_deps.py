@@ -24,8 +24,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from model_store import ModelStore
-from tests.service.conftest import free_port
 from tests.service.store_builder import build_photo_model
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -27,16 +27,16 @@ from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.explain import PrototypeExplainer
 from protopnet.model import create_model, distance_to_similarity, l2_distances
 from protopnet.preprocess import eval_transform
-from tests.service.conftest import (
+from tests.service.store_builder import build_photo_model, photos
+from tests.support.servers import (
     RedisProcess,
     ServerProcess,
     free_port,
     metric_value,
     start_server,
 )
-from tests.service.store_builder import build_photo_model, photos
 from tests.training.conftest import TINY
-from tests.training.test_push import model_and_images
+from tests.training.helpers import model_and_images
 from training.checkpoint import load_checkpoint
 from training.config import load_config
 from training.push import push_prototypes, self_distance_maps

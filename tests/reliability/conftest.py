@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.serving import ModelSource, demo_model
+from tests.support.serving import ModelSource, demo_model
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from bench import faults
-from bench.serving import ModelSource
+from tests.support import faults
+from tests.support.serving import ModelSource
 
 pytestmark = pytest.mark.slow
 

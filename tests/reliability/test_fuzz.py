@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from bench import faults
-from bench.serving import ModelSource, serve
-from tests.service.conftest import ServerProcess
+from tests.support import faults
+from tests.support.servers import ServerProcess
+from tests.support.serving import ModelSource, serve
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import RSS_GROWTH_LIMIT_MB, measure
-from bench.serving import ModelSource
+from tests.support.load import RSS_GROWTH_LIMIT_MB, measure
+from tests.support.serving import ModelSource
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import asyncio
 
 from service.cache import ExplanationCache, LocalLRU
 from service.metrics import Metrics
-from tests.service.conftest import RedisProcess, free_port
+from tests.support.servers import RedisProcess, free_port
 
 
 def test_local_lru_is_bounded_by_entries_and_bytes() -> None:

@@ -16,8 +16,8 @@ import torch
 from model_store import ModelStore
 from protopnet.explain import PrototypeExplainer
 from protopnet.preprocess import eval_transform, to_model_mode
-from tests.service.conftest import RedisProcess, metric_value, noisy, start_server
 from tests.service.corpus import encode
+from tests.support.servers import RedisProcess, metric_value, noisy, start_server
 
 pytestmark = pytest.mark.slow
 PNG = {"Content-Type": "image/png"}

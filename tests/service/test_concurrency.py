@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import metric_value, noisy, start_server
 from tests.service.corpus import encode
+from tests.support.servers import metric_value, noisy, start_server
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.dicom_files import dicom_bytes, hounsfield_phantom, jpeg_ls_dicom, window_by_hand
-from tests.service.test_explain import check_sheets, reference
+from tests.service.helpers import check_sheets, reference
 
 DICOM = {"Content-Type": "application/dicom"}
 

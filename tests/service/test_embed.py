@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import REPO, ServerProcess, start_server
 from tests.service.corpus import exif_rotated
+from tests.support.servers import REPO, ServerProcess, start_server
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model_store import ModelStore
-from tests.service.conftest import start_server
 from tests.service.store_builder import build_photo_model
+from tests.support.servers import start_server
 
 pytestmark = pytest.mark.slow
 

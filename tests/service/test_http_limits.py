@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from tests.service.conftest import ServerProcess, metric_value
+from tests.support.servers import ServerProcess, metric_value
 
 
 def raw(server: ServerProcess) -> socket.socket:

@@ -18,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.conftest import REPO, launch_server
-from tests.service.test_explain import check_sheets, png_of, reference
-from tests.service.test_images import encode
+from tests.service.corpus import encode
+from tests.service.helpers import check_sheets, png_of, reference
+from tests.support.servers import REPO, launch_server
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import RedisProcess, ServerProcess, free_port, launch_server, noisy
 from tests.service.corpus import encode
+from tests.support.servers import RedisProcess, ServerProcess, free_port, launch_server, noisy
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from PIL import Image
 from model_store.manifest import ClassMetrics, Metrics
 from service.report import class_record
 from tests.service.corpus import encode
-from tests.service.test_explain import png_of
+from tests.service.helpers import png_of
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from model_store import ModelStore
-from tests.service.conftest import start_server
+from tests.support.servers import start_server
 from tests.training.conftest import run_cli
 
 pytestmark = pytest.mark.slow

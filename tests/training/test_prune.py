@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from protopnet.preprocess import eval_transform
-from tests.training.test_push import PREP, model_and_images
+from tests.training.helpers import PREP, model_and_images
 from training.prune import PruneError, prune, reindex_records
 from training.push import push_prototypes
 

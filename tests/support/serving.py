@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import cub_vgg19_config
 from model_store import ModelStore, PrototypeRecord
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.errors import ProtoPNetError
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
     from service.explanations import ExplanationService
     from service.registry import ModelRegistry, ServedModel
     from service.settings import Settings
-    from tests.service.conftest import ServerProcess
+    from tests.support.servers import ServerProcess
 
 DEMO_NAME = (
     "fashion-mnist"  # the demo model's name in the store (training/configs/fashion_mnist.yaml)
@@ -47,6 +46,19 @@ VGG19_NAME = "vgg19-cub-random"
 
 
 # -- models ---------------------------------------------------------------------------
+
+
+def cub_vgg19_config(num_classes: int = 200) -> ProtoPNetConfig:
+    """CUB scale as the reference implementation measured it (its settings.py): VGG-19
+    trunk, 200 classes x 10 prototypes, D = 128, regular add-on layers, 224 px."""
+    return ProtoPNetConfig(
+        backbone="vgg19",
+        num_classes=num_classes,
+        prototypes_per_class=10,
+        prototype_depth=128,
+        add_on="regular",
+        img_size=224,
+    )
 
 
 def demo_architecture() -> tuple[ProtoPNetConfig, Preprocessing, list[str]]:
@@ -124,7 +136,7 @@ def serve(
     Worker and torch threads are the service's own defaults (the tests' server fixes
     both at 2): until 025bdb1 the benchmarks' servers ran with the tests' 2 workers, so
     on the 16-core GPU machine every image's maps and boxes were made 2 at a time."""
-    from tests.service.conftest import start_server
+    from tests.support.servers import start_server
 
     opts: dict[str, Any] = {
         "default_model": source.ref,
@@ -415,7 +427,7 @@ class RssSampler:
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """A Prometheus sample summed over matching series (the service tests' parser)."""
-    from tests.service.conftest import metric_value
+    from tests.support.servers import metric_value
 
     return metric_value(text, name, **labels)
 
