@@ -73,11 +73,12 @@ _BODY = {
 async def _instances(request: Request, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
     """The images of a KServe request and its parameters."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    query = dict(request.query_params)  # options in the query, as on /explain
     if media != "application/json":
         upload = await read_upload(request, settings)
-        return [upload.data], dict(upload.fields)
+        return [upload.data], {**upload.fields, **query}
     limit = settings.max_upload_bytes
-    body = await read_body(request, limit * 4 // 3 + 64 * 1024)  # base64 is 4/3 larger
+    body = await read_body(request, limit, allowed=limit * 4 // 3 + 64 * 1024)  # base64: 4/3
     try:
         req = KServeRequest.model_validate_json(body)
     except ValidationError as e:
@@ -108,7 +109,7 @@ async def _instances(request: Request, settings: Settings) -> tuple[list[bytes],
         if len(data) > limit:
             raise TooLargeError(f"instances[{i}] is {len(data)} bytes; the limit is {limit}")
         images.append(data)
-    return images, {k: v for k, v in (req.parameters or {}).items()}
+    return images, {**query, **(req.parameters or {})}
 
 
 async def _gather(coros: list) -> list:

@@ -135,10 +135,35 @@ def test_input_region_values() -> None:
     assert region("pad", 51, 90) == (-19, 0, 71, 90)
 
 
-def test_transform_is_deterministic() -> None:
+@pytest.mark.parametrize("resize", ["stretch", "center_crop", "pad"])
+def test_eval_transform_draws_nothing_at_random(resize: str) -> None:
+    """No augmentation leaks into the eval path: whatever the random state, an image is
+    given one input (a random flip or crop would differ under 8 seeds almost surely)."""
+    import random
+
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8))
-    tf = eval_transform(Preprocessing(img_size=24, resize="center_crop"))
-    assert torch.equal(tf(img), tf(img))
+    tf = eval_transform(Preprocessing(img_size=24, resize=resize))  # type: ignore[arg-type]
+    outs = []
+    for seed in range(8):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        outs.append(tf(img))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    # The same check catches a transform that does draw: one random flip added.
+    from torchvision.transforms import v2
+
+    from protopnet.preprocess import normalize_steps, to_model_mode
+
+    prep = Preprocessing(img_size=24, resize=resize)  # type: ignore[arg-type]
+    flipping = v2.Compose(
+        [*resize_geometry(prep), v2.RandomHorizontalFlip(), *normalize_steps(prep)]
+    )
+    drawn = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        drawn.append(flipping(to_model_mode(img, prep)))
+    assert not all(torch.equal(d, drawn[0]) for d in drawn)
 
 
 @pytest.mark.parametrize("resize", ["stretch", "center_crop", "pad"])

@@ -125,8 +125,20 @@ def test_sixteen_bit_png_keeps_its_full_range(client, photo_images) -> None:
 
 def test_cmyk_and_transparency_are_converted(client, photo_images) -> None:
     small = photo_images["cat"].resize((120, 80))
-    cmyk = post(client, encode(small.convert("CMYK"), "JPEG", quality=95), "image/jpeg")
+    cmyk_jpeg = encode(small.convert("CMYK"), "JPEG", quality=95)
+    cmyk = post(client, cmyk_jpeg, "image/jpeg")
     assert cmyk["image"]["mode"] == "CMYK"
+    # Its colours, not just its mode: the answer is that of the same file's pixels
+    # turned to RGB, and those pixels are the photograph's (JPEG noise aside), not its
+    # inks read as red, green and blue.
+    as_rgb = Image.open(io.BytesIO(cmyk_jpeg)).convert("RGB")
+    gap = np.abs(np.asarray(as_rgb, dtype=np.int16) - np.asarray(small, dtype=np.int16))
+    assert gap.mean() < 4, gap.mean()
+    rgb = post(client, encode(as_rgb, "PNG"), "image/png")
+    assert _logits(cmyk) == pytest.approx(_logits(rgb), abs=1e-5)
+    inks = Image.fromarray(np.asarray(small.convert("CMYK"))[..., :3])  # C, M, Y as R, G, B
+    wrong = post(client, encode(inks, "PNG"), "image/png")
+    assert _logits(wrong) != pytest.approx(_logits(rgb), abs=1e-3)  # the check can tell
     rgba = small.convert("RGBA")
     rgba.putalpha(0)  # fully transparent: composited on white, not black
     clear = post(client, encode(rgba, "PNG"), "image/png")

@@ -50,18 +50,24 @@ def test_concurrent_submissions_share_batches_and_get_their_own_results() -> Non
 
 
 def test_a_lone_request_waits_at_most_max_wait() -> None:
+    """Once requests have come together, a batch waits for stragglers, but no longer than
+    max_wait: a request alone then goes after about max_wait, not later and not never."""
     model = FakeModel()
+    wait_s = 0.3
 
     async def main() -> float:
-        b = MicroBatcher("m", model, max_batch=8, max_wait_s=0.02, max_queue=8)
+        b = MicroBatcher("m", model, max_batch=8, max_wait_s=wait_s, max_queue=8)
+        # Two together: the batcher now expects company and waits for it.
+        await asyncio.gather(b.submit(torch.ones(3)), b.submit(torch.ones(3)))
         t0 = time.perf_counter()
         await b.submit(torch.ones(3))
         dt = time.perf_counter() - t0
         await b.close()
         return dt
 
-    assert run(main()) < 1.0
-    assert model.sizes == [1]
+    dt = run(main())
+    assert model.sizes[-1] == 1
+    assert wait_s * 0.8 <= dt <= wait_s + 0.15, f"a lone request waited {dt:.3f} s"
 
 
 def test_a_lone_client_does_not_pay_the_batch_window() -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from model_store import ModelStore
 from protopnet.explain import top_indices
-from service.schemas import ExplainResponse, KServeExplainResponse
+from service.schemas import ExplainResponse
 from tests.protopnet.reference import percentile_box
 from tests.service.corpus import encode
 from tests.service.helpers import (
@@ -25,7 +28,9 @@ from tests.service.helpers import (
     to_original,
 )
 from tests.service.store_builder import fashion_available, fashion_test_images
-from tests.support.servers import RedisProcess, metric_value
+from tests.support.servers import RedisProcess, metric_value, start_server
+
+PNG_HEADERS = {"Content-Type": "image/png"}
 
 needs_fashion = pytest.mark.skipif(
     not fashion_available(), reason="Fashion-MNIST not installed (scripts/system-deps.sh)"
@@ -294,39 +299,32 @@ def test_predict_matches_explain(client, store_root, photo_images) -> None:
     assert p["top_classes"] == e["top_classes"][: len(p["top_classes"])]
 
 
-def test_top_classes_break_ties_towards_the_lower_index() -> None:
-    """/predict and /explain both rank with ``top_indices``: same order, even for ties."""
-    values = np.array([0.5, 2.0, 0.5, 2.0, -1.0], dtype=np.float32)
-    assert top_indices(values, 4).tolist() == [1, 3, 0, 2]
-    assert top_indices(values, 9).tolist() == [1, 3, 0, 2, 4]
-
-
-def test_kserve_aliases(client, photo_images) -> None:
-    imgs = [encode(photo_images[k].resize((64, 64)), "PNG") for k in ("cat", "coffee")]
-    payload = {
-        "instances": [
-            base64.b64encode(imgs[0]).decode(),
-            {"b64": base64.b64encode(imgs[1]).decode()},
-        ],
-        "parameters": {"top_classes": 2},
-    }
-    r = client.post("/v1/models/photo:predict", json=payload)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["model_name"] == "photo" and len(body["predictions"]) == 2
-    assert all(len(p["top_classes"]) == 2 for p in body["predictions"])
-    e = client.post("/v1/models/photo@1:explain", json=payload)
-    assert e.status_code == 200, e.text
-    # Exactly the documented schema, each explanation included.
-    assert KServeExplainResponse.model_validate(e.json()).model_dump(mode="json") == e.json()
-    exps = e.json()["explanations"]
-    assert len(exps) == 2
-    for x in exps:
-        check_sheets(x)
-    # The same explanation as POST /explain with the same options.
-    direct = post_image(client, imgs[1], top_classes=2).json()
-    assert direct == exps[1]
-    bad = client.post("/v1/models/photo:predict", json={"instances": ["not base64!"]})
-    assert bad.status_code == 422 and "instances[0]" in bad.json()["error"]["message"]
-    unknown = client.post("/v1/models/nope:predict", json=payload)
-    assert unknown.status_code == 404 and "photo" in unknown.json()["error"]["message"]
+@pytest.mark.slow
+def test_predict_and_explain_break_a_tie_towards_the_lower_class(
+    tmp_path: Path, store_root: Path, photo_images
+) -> None:
+    """A model whose classes 1 and 2 have the same last-layer row: every image ties them,
+    bit for bit. /predict, /explain and its scoring sheets all put class 1 first."""
+    loaded = ModelStore(store_root).load("photo")
+    model = loaded.model
+    with torch.no_grad():
+        w = model.last_layer.weight
+        w[2] = w[1]
+        w[0] = -10.0  # far below: the tie is for first place
+    store = ModelStore(tmp_path / "store")
+    m = loaded.manifest
+    store.publish("twins", model, m.preprocessing, ["low", "one", "two"], list(m.prototypes))
+    srv = start_server(tmp_path, tmp_path / "store", default_model="twins", models="twins")
+    try:
+        data = encode(photo_images["cat"].resize((64, 64)), "PNG")
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            pred = c.post("/predict", content=data, headers=PNG_HEADERS).json()
+            expl = c.post("/explain", content=data, headers=PNG_HEADERS).json()
+    finally:
+        srv.stop()
+    for body in (pred, expl):
+        order = [t["class_index"] for t in body["top_classes"]]
+        assert order == [1, 2, 0], order
+        assert body["top_classes"][0]["logit"] == body["top_classes"][1]["logit"]  # a tie
+        assert body["prediction"]["label"] == "one"
+    assert [s["class_index"] for s in expl["scoring_sheets"]] == [1, 2, 0]

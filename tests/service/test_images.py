@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from protopnet.config import Preprocessing
@@ -43,7 +42,16 @@ def test_display_size_is_capped_and_tensor_matches_eval_transform() -> None:
     d = decode_image(encode(img, "PNG"), PREP, 40_000_000, 300)
     assert d.size == d.received_size == (600, 400)
     assert d.display.shape == (200, 300, 3) and d.display.dtype == np.uint8
-    assert torch.allclose(d.tensor, eval_transform(PREP)(img))
+    # Against the letterbox built by hand (not through the code under test): the photo
+    # centred on a black 600 x 600 square, PIL's bilinear resize to 64, then normalised.
+    arr = np.asarray(img)
+    square = np.zeros((600, 600, 3), dtype=np.uint8)
+    square[100:500] = arr
+    small = np.asarray(Image.fromarray(square).resize((64, 64), Image.Resampling.BILINEAR))
+    mean = np.asarray(PREP.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(PREP.std, dtype=np.float32).reshape(3, 1, 1)
+    want = (small.transpose(2, 0, 1).astype(np.float32) / 255 - mean) / std
+    np.testing.assert_allclose(d.tensor.numpy(), want, atol=1e-5)
 
 
 def test_large_jpeg_decodes_at_reduced_scale_with_full_size_reported() -> None:
