@@ -25,8 +25,14 @@ from PIL import Image
 from model_store import ModelStore
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.explain import PrototypeExplainer
-from protopnet.model import create_model, distance_to_similarity, l2_distances
+from protopnet.model import (
+    ProtoPNetOutput,
+    create_model,
+    distance_to_similarity,
+    l2_distances,
+)
 from protopnet.preprocess import eval_transform
+from tests.protopnet.models import pushed_model
 from tests.service.store_builder import build_photo_model, photos
 from tests.support.servers import (
     RedisProcess,
@@ -97,6 +103,38 @@ def test_a_patch_equal_to_a_prototype_scores_the_top_similarity_under_tf32() -> 
 
 
 @pytest.mark.usefixtures("exact_fp32")
+def test_a_pushed_model_scores_alike_on_cuda_and_the_cpu_at_any_batch(exact_fp32) -> None:
+    """Pushed prototypes are exact matches, where float32 distances were cancellation
+    residue; the model's float64 distances give the CPU's logits and similarities on the
+    GPU, at batch 1 and 16, NCHW and channels-last."""
+    model, x = pushed_model()
+    gpu = copy.deepcopy(model).to(CUDA)
+    with torch.inference_mode():
+        cpu = model.forward_full(x)
+        outs = {"cuda batch 16": gpu.forward_full(x.to(CUDA))}
+        singles = [gpu.forward_full(x[i : i + 1].to(CUDA)) for i in range(16)]
+        outs["cuda batch 1"] = ProtoPNetOutput(
+            logits=torch.cat([o.logits for o in singles]),
+            min_distances=torch.cat([o.min_distances for o in singles]),
+            distances=torch.cat([o.distances for o in singles]),
+            features=torch.cat([o.features for o in singles]),
+        )
+        gpu.to(memory_format=torch.channels_last)
+        cl = x.to(CUDA).contiguous(memory_format=torch.channels_last)
+        outs["cuda channels-last"] = gpu.forward_full(cl)
+    for name, out in outs.items():
+        np.testing.assert_allclose(
+            out.logits.cpu().numpy(), cpu.logits.numpy(), rtol=1e-5, atol=1e-5, err_msg=name
+        )
+        np.testing.assert_allclose(
+            model.similarity(out.min_distances.cpu()).numpy(),
+            model.similarity(cpu.min_distances).numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=name,
+        )
+
+
 def test_explanations_on_cuda_match_the_cpu() -> None:
     torch.manual_seed(3)
     cfg = ProtoPNetConfig(

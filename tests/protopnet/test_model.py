@@ -16,6 +16,7 @@ from protopnet.model import (
     last_layer_init,
     max_similarity,
 )
+from tests.protopnet.models import pushed_model
 from tests.protopnet.reference import logits_from_min_distances, patch_distances, similarity
 
 
@@ -219,29 +220,6 @@ def test_grid_too_small_for_the_prototypes_is_refused() -> None:
         create_model(
             ProtoPNetConfig(backbone="small_cnn", num_classes=2, img_size=8, prototype_size=(1, 3))
         )
-
-
-def pushed_model(depth: int = 128, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A small_cnn ProtoPNet whose prototypes are exact latent patches of its images (as
-    push leaves every trained model), and those 16 images."""
-    torch.manual_seed(seed)
-    model = create_model(
-        ProtoPNetConfig(
-            backbone="small_cnn",
-            num_classes=4,
-            prototypes_per_class=4,
-            prototype_depth=depth,
-            img_size=64,
-        )
-    ).eval()
-    x = torch.rand(16, 3, 64, 64)
-    with torch.no_grad():
-        z = model.conv_features(x)  # (16, D, H, W)
-        H, W = z.shape[2:]
-        for j in range(model.num_prototypes):
-            b, h, w = j % 16, (3 * j) % H, (5 * j) % W
-            model.prototype_vectors[j] = z[b, :, h, w].reshape(-1, 1, 1)
-    return model, x
 
 
 def test_pushed_prototypes_score_the_same_at_any_batch_size_and_layout() -> None:
