@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -56,7 +57,13 @@ def _bicubic_np(n_in: int, n_out: int) -> np.ndarray:
     return _bicubic_matrix(n_in, n_out).numpy()
 
 
-def upsample_np(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+# Each step below has two twins of one name: the torch one runs on the tensors' device
+# (the GPU path: one batch, no host copy in between), the ``_np`` one on the CPU in numpy
+# (the CPU path: on the few dozen small maps of one explanation, torch's per-op overhead
+# was most of the time). They give the same boxes and peaks; tests compare them.
+
+
+def upsample_maps_np(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``upsample_maps`` for a float32 numpy (N, h, w) array on the CPU.
 
     Each map is its own matrix product, so a map's pixels do not depend on which other
@@ -77,26 +84,46 @@ def _numpy(maps: torch.Tensor) -> np.ndarray:
     return maps.cpu().numpy()
 
 
-def thresholds_np(flat: np.ndarray, q: float = PERCENTILE) -> np.ndarray:
+def _ranks(n: int, q: float) -> tuple[float, int, int]:
+    """numpy's linear percentile: position ``pos`` between ranks ``lo`` and ``hi``."""
+    pos = q / 100 * (n - 1)
+    lo = math.floor(pos)
+    return pos, lo, min(lo + 1, n - 1)
+
+
+def percentile_thresholds_np(flat: np.ndarray, q: float = PERCENTILE) -> np.ndarray:
     """Per-row q-th percentile with linear interpolation (numpy's default), (N, n) -> (N,).
 
     A partial sort (``np.partition``) places just the two ranks around the percentile.
     """
-    n = flat.shape[1]
-    pos = q / 100 * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
+    pos, lo, hi = _ranks(flat.shape[1], q)
     part = np.partition(flat, (lo, hi) if hi > lo else lo, axis=1)
     v_lo, v_hi = part[:, lo], part[:, hi]
     return v_lo + (pos - lo) * (v_hi - v_lo)
 
 
-def boxes_np(maps: np.ndarray, q: float = PERCENTILE) -> np.ndarray:
-    """``percentile_boxes`` on a numpy (N, H, W) array: (N, 4) int64 (x0, y0, x1, y1)."""
+def percentile_thresholds(flat: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
+    """``percentile_thresholds_np`` on the tensor's device, (N, n) -> (N,).
+
+    ``topk`` of the n - lo largest values, sorted, ends with ranks lo + 1 and lo: the
+    same two order statistics, interpolated the same way, so the same threshold.
+    """
+    pos, lo, hi = _ranks(flat.shape[1], q)
+    top = flat.topk(flat.shape[1] - lo, dim=1, largest=True, sorted=True).values
+    v_lo, v_hi = top[:, -1], top[:, -1 - (hi - lo)]
+    return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+def percentile_boxes_np(maps: np.ndarray, q: float = PERCENTILE) -> np.ndarray:
+    """Smallest box holding every pixel >= the map's q-th percentile.
+
+    (N, H, W) -> (N, 4) int64 boxes (x0, y0, x1, y1), end exclusive. Several hot regions
+    give one enclosing box, as in the paper.
+    """
     N, H, W = maps.shape
     if N == 0:
         return np.zeros((0, 4), dtype=np.int64)
-    thr = thresholds_np(maps.reshape(N, H * W), q)
+    thr = percentile_thresholds_np(maps.reshape(N, H * W), q)
     mask = (maps >= thr[:, None, None]).view(np.uint8)  # (N, H, W), contiguous
     # OpenCV's bounding rectangle of each map's non-zero pixels, (x, y, w, h): one C
     # call per map, cheaper than numpy's row and column reductions on small maps.
@@ -108,21 +135,25 @@ def boxes_np(maps: np.ndarray, q: float = PERCENTILE) -> np.ndarray:
     return out
 
 
-def percentile_thresholds(maps: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
-    """Per-map q-th percentile with linear interpolation (numpy's default), (N, H, W) -> (N,)
-    on the CPU."""
-    a = _numpy(maps)
-    return torch.from_numpy(thresholds_np(a.reshape(a.shape[0], -1), q))
+def _first_true(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first True along the last dimension (0 where there is none)."""
+    return mask.to(torch.uint8).argmax(dim=-1)
 
 
 def percentile_boxes(maps: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
-    """Smallest box holding every pixel >= the map's q-th percentile.
-
-    (N, H, W) -> (N, 4) int64 boxes (x0, y0, x1, y1), end exclusive, on the CPU. Several
-    hot regions give one enclosing box, as in the paper. Computed with numpy: on the
-    few dozen small maps of one explanation, torch's per-op overhead was most of the time.
-    """
-    return torch.from_numpy(boxes_np(_numpy(maps), q))
+    """``percentile_boxes_np`` on the tensor's device: (N, H, W) -> (N, 4) int64."""
+    N, H, W = maps.shape
+    if N == 0:
+        return torch.zeros((0, 4), dtype=torch.long, device=maps.device)
+    maps = maps.float() if maps.dtype not in (torch.float32, torch.float64) else maps
+    thr = percentile_thresholds(maps.reshape(N, H * W), q)
+    mask = maps >= thr[:, None, None]
+    rows, cols = mask.any(dim=2), mask.any(dim=1)  # (N, H), (N, W)
+    y0, y1 = _first_true(rows), H - _first_true(rows.flip(1))
+    x0, x1 = _first_true(cols), W - _first_true(cols.flip(1))
+    out = torch.stack([x0, y0, x1, y1], dim=1)
+    full = torch.tensor([0, 0, W, H], device=maps.device)
+    return torch.where(rows.any(dim=1, keepdim=True), out, full)  # NaN maps: the whole map
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,11 +178,24 @@ class ImageExplanation:
     top_prototypes: list[int]  # most activated over all classes, best first
     shown: list[int]  # prototypes whose maps were upsampled: top classes' own + top_prototypes
     low_res_maps: torch.Tensor  # (N, H', W') similarity maps of ``shown``
-    maps: torch.Tensor  # (N, Hd, Wd) upsampled similarity maps in display pixels
     boxes: torch.Tensor  # (N, 4) 95th-percentile boxes (x0, y0, x1, y1), original pixels
     peaks: torch.Tensor  # (N, 2) (x, y) of each upsampled map's maximum, original pixels
     image_size: tuple[int, int]  # (width, height) of the original image
     display_size: tuple[int, int]  # (width, height) of ``maps``
+    preprocessing: Preprocessing
+    _maps: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """(N, Hd, Wd) upsampled similarity maps in display pixels, on the CPU. The GPU
+        path leaves them on the device (a PNG redraws its map from ``low_res_maps``), so
+        here they are placed again, the same way, when first asked for."""
+        if self._maps is None:
+            canvas, _ = place_maps_np(
+                _numpy(self.low_res_maps), self.image_size, self.display_size, self.preprocessing
+            )
+            self._maps = torch.from_numpy(canvas)
+        return self._maps
 
     @property
     def scale(self) -> float:
@@ -196,11 +240,11 @@ def place_maps_np(
     Returns the (N, Hd, Wd) float32 canvas and the visible window (x0, y0, x1, y1) of
     the model's input inside it: the whole canvas for "stretch", a centre square for
     "center_crop" (zero outside it), the image part of the letterbox for "pad". The
-    explainer, push and the service's heatmap PNGs all place maps through here, so a
-    redrawn map is the one its box was computed from.
+    explainer, push and the service's heatmap PNGs all place maps through here (or its
+    torch twin), so a redrawn map is the one its box was computed from.
     """
     (ax0, ay0, aw, ah), (vx0, vy0, vx1, vy1) = _placement(image_size, disp, prep)
-    region = upsample_np(low_res, (ah, aw))  # (N, ah, aw)
+    region = upsample_maps_np(low_res, (ah, aw))  # (N, ah, aw)
     visible = region[:, vy0 - ay0 : vy1 - ay0, vx0 - ax0 : vx1 - ax0]
     Wd, Hd = disp
     if (vx0, vy0, vx1, vy1) == (0, 0, Wd, Hd):
@@ -216,9 +260,17 @@ def place_maps(
     disp: tuple[int, int],
     prep: Preprocessing,
 ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """``place_maps_np`` for tensors (any device); the canvas comes back on the CPU."""
-    canvas, window = place_maps_np(_numpy(low_res), image_size, disp, prep)
-    return torch.from_numpy(canvas), window
+    """``place_maps_np`` on the tensor's device: (..., H', W') -> (..., Hd, Wd) float32."""
+    (ax0, ay0, aw, ah), (vx0, vy0, vx1, vy1) = _placement(image_size, disp, prep)
+    region = upsample_maps(low_res.reshape(-1, *low_res.shape[-2:]), (ah, aw))
+    region = region.reshape(*low_res.shape[:-2], ah, aw)
+    visible = region[..., vy0 - ay0 : vy1 - ay0, vx0 - ax0 : vx1 - ax0]
+    Wd, Hd = disp
+    if (vx0, vy0, vx1, vy1) == (0, 0, Wd, Hd):
+        return visible.contiguous(), (0, 0, Wd, Hd)
+    canvas = visible.new_zeros((*low_res.shape[:-2], Hd, Wd))
+    canvas[..., vy0:vy1, vx0:vx1] = visible
+    return canvas, (vx0, vy0, vx1, vy1)
 
 
 def prototypes_by_class(classes: list[int], num_classes: int) -> list[np.ndarray]:
@@ -235,6 +287,26 @@ def top_indices(values: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-values, kind="stable")[:k]
 
 
+def _to_original(
+    boxes: np.ndarray, peaks: np.ndarray, size: tuple[int, int], disp: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Display-pixel boxes and peaks in original pixels: boxes grown outward, peaks at
+    the original pixel under the display pixel's centre."""
+    sx, sy = size[0] / disp[0], size[1] / disp[1]
+    if (sx, sy) == (1.0, 1.0):
+        return boxes, peaks
+    f = boxes.astype(np.float32) * np.array([sx, sy, sx, sy], dtype=np.float32)
+    boxes = np.concatenate([np.floor(f[:, :2]), np.ceil(f[:, 2:])], axis=1)
+    boxes = np.minimum(boxes, [size[0], size[1], size[0], size[1]]).astype(np.int64)
+    scale = np.array([sx, sy], dtype=np.float32)
+    peaks = np.floor((peaks.astype(np.float32) + 0.5) * scale).astype(np.int64)
+    return boxes, peaks
+
+
+def _per_image(values: int | Sequence[int], batch: int) -> list[int]:
+    return [values] * batch if isinstance(values, int) else list(values)
+
+
 class PrototypeExplainer:
     """Scoring sheets, activation maps and 95th-percentile boxes for a ProtoPNet."""
 
@@ -246,25 +318,30 @@ class PrototypeExplainer:
         frozen: bool = False,
     ):
         """``frozen``: the model's weights will not change while this explainer is used
-        (a served model). The last layer and each prototype's class are then read into
-        host memory once, here, instead of at every call: on a GPU that read is a
-        device-to-host copy of the (K, P) weights (1.6 MB at CUB scale) and two
-        synchronisations per image. Without it, every call reads the model as it is.
+        (a served model). The last layer and each prototype's class are then read once,
+        here, into host memory and onto the model's device, instead of at every call.
+        Without it, every call reads the model as it is.
         """
         self.model = model
         self.preprocessing = preprocessing
         self.max_map_side = max_map_side
-        self._host = self._read_head() if frozen else None
+        self._head = self._read_head() if frozen else None
 
-    def _read_head(self) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(last-layer weights (K, P) as a host array of its own, each class's prototypes)."""
-        weights = np.array(_numpy(self.model.last_layer.weight), dtype=np.float32)
-        return weights, prototypes_by_class(self.model.prototype_classes.tolist(), weights.shape[0])
+    def _read_head(self) -> _Head:
+        weight = self.model.last_layer.weight.detach()
+        classes = self.model.prototype_classes.detach()
+        host = np.array(_numpy(weight), dtype=np.float32)
+        return _Head(
+            weights=host,
+            by_class=prototypes_by_class(classes.tolist(), host.shape[0]),
+            weights_t=weight.float(),
+            classes_t=classes.long(),
+        )
 
     @property
     def prototypes_of_class(self) -> list[np.ndarray]:
         """For each class, the indices of its own prototypes (read once when frozen)."""
-        return (self._host or self._read_head())[1]
+        return (self._head or self._read_head()).by_class
 
     @torch.inference_mode()
     def attribute(
@@ -274,14 +351,15 @@ class PrototypeExplainer:
         top_classes: int = 3,
         top_prototypes: int = 10,
     ) -> list[ImageExplanation]:
-        """Explain a batch. inputs: (B, 3, S, S) preprocessed; image_sizes: (width, height)."""
+        """Explain a batch. inputs: (B, 3, S, S) preprocessed; image_sizes: (width, height).
+        Everything after the forward runs where the model does (``explain_maps``)."""
         if len(image_sizes) != inputs.shape[0]:
             raise ValueError(f"{inputs.shape[0]} images but {len(image_sizes)} sizes")
         out = self.model.forward_full(inputs)
-        sim_maps = self.model.similarity(out.distances).float().cpu()  # (B, P, H', W')
-        logits = out.logits.float().cpu()  # (B, K)
-        min_d = out.min_distances.float().cpu()  # (B, P)
-        return self.explain_maps(sim_maps, logits, min_d, image_sizes, top_classes, top_prototypes)
+        sim_maps = self.model.similarity(out.distances)
+        return self.explain_maps(
+            sim_maps, out.logits, out.min_distances, image_sizes, top_classes, top_prototypes
+        )
 
     def explain_maps(
         self,
@@ -289,18 +367,26 @@ class PrototypeExplainer:
         logits: torch.Tensor,
         min_d: torch.Tensor,
         image_sizes: list[tuple[int, int]],
-        top_classes: int = 3,
-        top_prototypes: int = 10,
+        top_classes: int | Sequence[int] = 3,
+        top_prototypes: int | Sequence[int] = 10,
+        on_device: bool | None = None,
     ) -> list[ImageExplanation]:
         """Everything after the forward pass, from its outputs: (B, P, H', W') similarity
-        maps, (B, K) logits and (B, P) min distances, all on the CPU.
+        maps, (B, K) logits and (B, P) min distances; ``top_classes`` and
+        ``top_prototypes`` for all images or one per image.
 
-        Split from ``attribute`` so a server can batch the forward on the model's thread
-        and run this part (upsampling, boxes) elsewhere without holding the model.
+        ``on_device`` (default: when the maps are not on the CPU) runs it as batched torch
+        ops where the maps are, with one copy of the results to the host
+        (``_explain_on_device``); else in numpy on the CPU, image by image
+        (``_explain_np``), the faster of the two there (bench/explain_latency.py).
         """
-        if len(image_sizes) != sim_maps.shape[0]:
-            raise ValueError(f"{sim_maps.shape[0]} maps but {len(image_sizes)} sizes")
-        if top_classes < 1 or top_prototypes < 0:
+        B = sim_maps.shape[0]
+        if len(image_sizes) != B:
+            raise ValueError(f"{B} maps but {len(image_sizes)} sizes")
+        ts, ns = _per_image(top_classes, B), _per_image(top_prototypes, B)
+        if len(ts) != B or len(ns) != B:
+            raise ValueError(f"{B} images but {len(ts)} top_classes and {len(ns)} top_prototypes")
+        if min(ts, default=1) < 1 or min(ns, default=0) < 0:
             raise ValueError(
                 f"top_classes must be >= 1 and top_prototypes >= 0, "
                 f"got {top_classes} and {top_prototypes}"
@@ -308,13 +394,26 @@ class PrototypeExplainer:
         bad = [s for s in image_sizes if len(s) != 2 or min(s) < 1]
         if bad:
             raise ValueError(f"image sizes must be (width, height) >= 1, got {bad[:3]}")
-        w_last, by_class = self._host or self._read_head()  # (K, P), K index arrays
-        T = min(top_classes, logits.shape[1])
-        N_top = min(top_prototypes, sim_maps.shape[1])
+        head = self._head or self._read_head()
+        K, P = logits.shape[1], sim_maps.shape[1]
+        ts, ns = [min(t, K) for t in ts], [min(n, P) for n in ns]
+        if on_device is None:
+            on_device = sim_maps.device.type != "cpu"
+        if on_device:
+            return self._explain_on_device(sim_maps, logits, min_d, image_sizes, ts, ns, head)
+        return self._explain_np(sim_maps, logits, min_d, image_sizes, ts, ns, head)
 
-        # Everything below is numpy: on the few dozen small arrays of one explanation,
-        # torch's per-call overhead was most of the time. The results are the same
-        # numbers (tests compare them with brute-force references).
+    @torch.no_grad()
+    def _explain_np(
+        self,
+        sim_maps: torch.Tensor,
+        logits: torch.Tensor,
+        min_d: torch.Tensor,
+        image_sizes: list[tuple[int, int]],
+        ts: list[int],
+        ns: list[int],
+        head: _Head,
+    ) -> list[ImageExplanation]:
         # Row-major whatever the model's layout (channels-last maps have P innermost).
         sm = np.ascontiguousarray(_numpy(sim_maps))  # (B, P, H', W')
         B, P, Hl, Wl = sm.shape
@@ -323,35 +422,30 @@ class PrototypeExplainer:
         sims = flat.max(axis=2)  # (B, P), the value there
         latent = np.empty((B, P, 2), dtype=np.int64)  # (h, w)
         np.divmod(arg, Wl, out=(latent[..., 0], latent[..., 1]))
-        lg = _numpy(logits)
-        probs = logits.detach().float().softmax(dim=1)
+        logits, min_d = logits.detach().float().cpu(), min_d.detach().float().cpu()
+        lg = logits.numpy()
+        probs = logits.softmax(dim=1)
         results: list[ImageExplanation] = []
         for b, size in enumerate(image_sizes):
-            tc = top_indices(lg[b], T)  # (T,)
-            weights = w_last[tc]  # (T, P)
+            tc = top_indices(lg[b], ts[b])  # (T,)
+            weights = head.weights[tc]  # (T, P)
             points = weights * sims[b]  # (T, P)
-            top_p = top_indices(sims[b], N_top).tolist()
+            top_p = top_indices(sims[b], ns[b]).tolist()
             # The top classes' own prototypes, in index order (not a pass over all P).
-            own = np.sort(np.concatenate([by_class[k] for k in tc])).tolist()
+            own = np.sort(np.concatenate([head.by_class[k] for k in tc])).tolist()
             shown = list(dict.fromkeys([*top_p, *own]))
             low = sm[b, shown]  # (N, H', W'), a copy
             disp = display_size(size[0], size[1], self.max_map_side)
             maps, (vx0, vy0, vx1, vy1) = place_maps_np(low, size, disp, self.preprocessing)
             visible = maps[:, vy0:vy1, vx0:vx1]
-            boxes = boxes_np(visible)  # in visible-window pixels
+            boxes = percentile_boxes_np(visible)  # in visible-window pixels
             boxes[:, 0::2] += vx0
             boxes[:, 1::2] += vy0
             am = visible.reshape(len(shown), -1).argmax(axis=1)
             peak_xy = np.empty((len(shown), 2), dtype=np.int64)  # (x, y)
             np.divmod(am, vx1 - vx0, out=(peak_xy[:, 1], peak_xy[:, 0]))
             peak_xy += (vx0, vy0)
-            sx, sy = size[0] / disp[0], size[1] / disp[1]
-            if (sx, sy) != (1.0, 1.0):  # display -> original pixels, boxes grown outward
-                f = boxes.astype(np.float32) * np.array([sx, sy, sx, sy], dtype=np.float32)
-                boxes = np.concatenate([np.floor(f[:, :2]), np.ceil(f[:, 2:])], axis=1)
-                boxes = np.minimum(boxes, [size[0], size[1], size[0], size[1]]).astype(np.int64)
-                scale = np.array([sx, sy], dtype=np.float32)
-                peak_xy = np.floor((peak_xy.astype(np.float32) + 0.5) * scale).astype(np.int64)
+            boxes, peak_xy = _to_original(boxes, peak_xy, size, disp)
             results.append(
                 ImageExplanation(
                     logits=logits[b],
@@ -365,11 +459,127 @@ class PrototypeExplainer:
                     top_prototypes=top_p,
                     shown=shown,
                     low_res_maps=torch.from_numpy(low),
-                    maps=torch.from_numpy(maps),
                     boxes=torch.from_numpy(boxes),
                     peaks=torch.from_numpy(peak_xy),
                     image_size=size,
                     display_size=disp,
+                    preprocessing=self.preprocessing,
+                    _maps=torch.from_numpy(maps),
                 )
             )
         return results
+
+    @torch.no_grad()
+    def _explain_on_device(
+        self,
+        sim_maps: torch.Tensor,
+        logits: torch.Tensor,
+        min_d: torch.Tensor,
+        image_sizes: list[tuple[int, int]],
+        ts: list[int],
+        ns: list[int],
+        head: _Head,
+    ) -> list[ImageExplanation]:
+        """The whole batch as torch ops on the maps' device; the same numbers as
+        ``_explain_np`` (tests compare them), then one copy of the results to the host.
+
+        The maps stay on the device: only the shown prototypes' low-resolution maps come
+        back, which is what the PNGs are redrawn from.
+        """
+        dev = sim_maps.device
+        sm = sim_maps.float().contiguous()  # row-major (B, P, H', W')
+        B, P, Hl, Wl = sm.shape
+        flat = sm.view(B, P, Hl * Wl)
+        arg = flat.argmax(dim=2)  # (B, P), the first maximum
+        sims = flat.gather(2, arg[..., None])[..., 0]  # (B, P)
+        latent = torch.stack([arg // Wl, arg % Wl], dim=2)  # (B, P, 2) (h, w)
+        logits = logits.float()
+        probs = logits.softmax(dim=1)
+        w_t, classes_t = head.weights_t.to(dev), head.classes_t.to(dev)
+        Tmax = max(ts)
+        class_order = torch.sort(-logits, dim=1, stable=True).indices  # ties: lower index
+        tc = class_order[:, :Tmax]  # (B, Tmax)
+        weights = w_t[tc]  # (B, Tmax, P)
+        points = weights * sims[:, None, :]
+        proto_order = torch.sort(-sims, dim=1, stable=True).indices  # (B, P)
+
+        # The shown prototypes, in the numpy path's order: the top ones by rank, then
+        # the top classes' own in index order. Sorting a key puts them first.
+        ar_p = torch.arange(P, device=dev)
+        ar_k = torch.arange(logits.shape[1], device=dev)
+        rank_p = torch.empty_like(proto_order).scatter_(1, proto_order, ar_p.expand(B, P))
+        rank_k = torch.empty_like(class_order).scatter_(1, class_order, ar_k.expand_as(class_order))
+        t_b = torch.tensor(ts, device=dev)[:, None]
+        n_b = torch.tensor(ns, device=dev)[:, None]
+        in_top = rank_p < n_b
+        own = rank_k[:, classes_t] < t_b  # (B, P): the prototype's class is a top class
+        key = torch.where(in_top, rank_p, torch.where(own, P + ar_p, 2 * P))
+        # How many columns to keep: at most top_prototypes + the T largest classes.
+        sizes_desc = sorted((len(c) for c in head.by_class), reverse=True)
+        width = min(P, max(n + sum(sizes_desc[:t]) for t, n in zip(ts, ns, strict=True)))
+        shown_idx = torch.sort(key, dim=1).indices[:, :width]  # (B, width)
+        n_shown = (in_top | own).sum(dim=1)  # (B,)
+        low = flat.gather(1, shown_idx[..., None].expand(B, width, Hl * Wl))
+        low = low.view(B, width, Hl, Wl)
+
+        # Maps, boxes and peaks: images of one size share their geometry and go together.
+        boxes = torch.empty((B, width, 4), dtype=torch.long, device=dev)
+        peaks = torch.empty((B, width, 2), dtype=torch.long, device=dev)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for b, size in enumerate(image_sizes):
+            groups.setdefault(tuple(size), []).append(b)  # type: ignore[arg-type]
+        for size, members in groups.items():
+            disp = display_size(size[0], size[1], self.max_map_side)
+            sel = torch.tensor(members, device=dev)
+            maps, (vx0, vy0, vx1, vy1) = place_maps(low[sel], size, disp, self.preprocessing)
+            visible = maps[..., vy0:vy1, vx0:vx1].reshape(-1, vy1 - vy0, vx1 - vx0)
+            bx = percentile_boxes(visible)
+            bx += torch.tensor([vx0, vy0, vx0, vy0], device=dev)
+            am = visible.reshape(visible.shape[0], -1).argmax(dim=1)
+            pk = torch.stack([am % (vx1 - vx0) + vx0, am // (vx1 - vx0) + vy0], dim=1)
+            boxes[sel] = bx.view(len(members), width, 4)
+            peaks[sel] = pk.view(len(members), width, 2)
+
+        # One copy to the host for the batch: every result, queued, then one wait.
+        on_device = (logits, probs, sims, min_d.float(), latent, tc, weights, points,
+                     proto_order[:, : max(ns)], shown_idx, n_shown, low, boxes, peaks)  # fmt: skip
+        host = [t.to("cpu", non_blocking=True) for t in on_device]
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()
+        lg, pr, sm_h, md, lat, tc_h, w_h, pt_h, top_h, shown_h, n_h, low_h, bx_h, pk_h = host
+        results: list[ImageExplanation] = []
+        for b, size in enumerate(image_sizes):
+            n, t = int(n_h[b]), ts[b]
+            disp = display_size(size[0], size[1], self.max_map_side)
+            box, peak = _to_original(bx_h[b, :n].numpy(), pk_h[b, :n].numpy(), size, disp)
+            results.append(
+                ImageExplanation(
+                    logits=lg[b],
+                    probabilities=pr[b],
+                    top_classes=tc_h[b, :t].tolist(),
+                    similarities=sm_h[b],
+                    min_distances=md[b],
+                    latent_peaks=lat[b],
+                    weights=w_h[b, :t],
+                    points=pt_h[b, :t],
+                    top_prototypes=top_h[b, : ns[b]].tolist(),
+                    shown=shown_h[b, :n].tolist(),
+                    low_res_maps=low_h[b, :n],
+                    boxes=torch.from_numpy(box),
+                    peaks=torch.from_numpy(peak),
+                    image_size=size,
+                    display_size=disp,
+                    preprocessing=self.preprocessing,
+                )
+            )
+        return results
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A model's last layer as the explainer reads it: on the host and on the device."""
+
+    weights: np.ndarray  # (K, P) float32, host
+    by_class: list[np.ndarray]  # per class, its prototypes in index order
+    weights_t: torch.Tensor  # (K, P) float32, on the model's device
+    classes_t: torch.Tensor  # (P,) int64, on the model's device

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from isal import isal_zlib
 
-from protopnet.explain import thresholds_np
+from protopnet.explain import percentile_thresholds_np
 
 BOX_COLOR = (255, 255, 0)  # yellow, as in the paper's figures
 
@@ -67,7 +67,7 @@ def heatmap_rgba(act_map: np.ndarray) -> np.ndarray:
 
 def percentile_mask(act_map: np.ndarray, q: float = 95.0) -> np.ndarray:
     """(H, W) uint8: 255 where the map is >= its q-th percentile, else 0."""
-    thr = float(thresholds_np(act_map.reshape(1, -1), q)[0])
+    thr = float(percentile_thresholds_np(act_map.reshape(1, -1), q)[0])
     return np.where(act_map >= thr, 255, 0).astype(np.uint8)
 
 

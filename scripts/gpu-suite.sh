@@ -55,9 +55,9 @@ bench)
     shift
     declare -A ARGS=([memory_format]="" [explain_latency]="--repeats-vgg 50"
         [service_throughput]="" [service_throughput_vgg19]="--model vgg19" [push]=""
-        [training]="" [gil]="--seconds 1")
+        [training]="" [gil]="--seconds 1" [explain_paths]="")
     names=("$@")
-    [ ${#names[@]} -eq 0 ] && names=(memory_format explain_latency service_throughput
+    [ ${#names[@]} -eq 0 ] && names=(explain_paths memory_format explain_latency service_throughput
         service_throughput_vgg19 push training gil)
     rc=0
     for b in "${names[@]}"; do

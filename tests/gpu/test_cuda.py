@@ -161,6 +161,38 @@ def test_explanations_on_cuda_match_the_cpu() -> None:
             _boxes_close(g.boxes, c.boxes, px=2)
 
 
+def test_the_device_path_on_cuda_gives_the_numpy_paths_explanations() -> None:
+    """The same forward outputs explained on the GPU (batched torch ops) and on the CPU
+    (numpy): boxes, peaks and shown prototypes exact, numbers within float32 rounding."""
+    torch.manual_seed(5)
+    cfg = ProtoPNetConfig(
+        backbone="small_cnn", num_classes=6, prototypes_per_class=4, prototype_depth=16,
+        img_size=224,
+    )  # fmt: skip
+    model = create_model(cfg).eval()
+    prep = Preprocessing(img_size=224, resize="pad")
+    sim = torch.rand(6, 24, 7, 7)
+    logits, min_d = torch.randn(6, 6), torch.rand(6, 24)
+    sizes = [(224, 224), (224, 224), (640, 480), (97, 41), (224, 224), (1000, 300)]
+    ts, ns = [3, 1, 6, 2, 3, 4], [10, 0, 5, 24, 3, 2]
+    on_cpu = PrototypeExplainer(model, prep, max_map_side=512, frozen=True).explain_maps(
+        sim, logits, min_d, sizes, ts, ns
+    )
+    gpu = PrototypeExplainer(model.to(CUDA), prep, max_map_side=512, frozen=True)
+    on_gpu = gpu.explain_maps(sim.to(CUDA), logits.to(CUDA), min_d.to(CUDA), sizes, ts, ns)
+    for c, g in zip(on_cpu, on_gpu, strict=True):
+        assert g.boxes.device.type == "cpu"  # results come back to the host
+        assert (g.top_classes, g.top_prototypes, g.shown) == (
+            c.top_classes,
+            c.top_prototypes,
+            c.shown,
+        )
+        np.testing.assert_array_equal(g.boxes.numpy(), c.boxes.numpy())
+        np.testing.assert_array_equal(g.peaks.numpy(), c.peaks.numpy())
+        torch.testing.assert_close(g.points, c.points, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.maps, c.maps, rtol=0, atol=1e-5)
+
+
 @pytest.mark.usefixtures("exact_fp32")
 def test_push_on_cuda_picks_the_cpu_patches() -> None:
     model, images = model_and_images(num_classes=3, proto_size=(2, 2))
