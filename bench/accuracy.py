@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bench.common import device_name, write_result
+from common.devices import pick_device
 from protopnet.backbones import create_backbone
 from training import engine
 from training.config import RunConfig, load_config
@@ -60,7 +61,7 @@ def _accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> flo
 def train_baseline(cfg: RunConfig, splits: Splits, progress: bool) -> dict[str, Any]:
     """Same data, augmentation, batch, epochs and step decay as the ProtoPNet run."""
     t = cfg.train
-    device = engine.pick_device(t.device)
+    device = pick_device(t.device, "train.device")
     torch.manual_seed(t.seed)
     model = Baseline(cfg.model.backbone, len(splits.class_names), cfg.model.weights).to(device)
     opt = torch.optim.Adam(

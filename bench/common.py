@@ -7,11 +7,12 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from common.atomic import atomic_write
 
 # Where results go: bench/results, or $PROTOPNET_BENCH_RESULTS (a GPU machine's runs are
 # written to their own folder and kept beside the CPU ones, in bench/results/gpu).
@@ -74,14 +75,5 @@ def write_result(name: str, data: dict[str, Any], results_dir: Path | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     record = {"benchmark": name, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **data}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, allow_nan=False, default=str)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(record, indent=1, allow_nan=False, default=str) + "\n")
     return path

@@ -24,7 +24,8 @@ load affects them alike: in process (forward, compute, explain, explain with inl
 PNGs, forward, ...) with no server running, then HTTP (forward, batched server, unbatched
 server, ...). p50s and their ratios to the phase's forward are reported. The bare
 forward is timed on the model's own thread, where the service runs it.
-Goal: ``ratio`` (explain / forward) at most 1.3 on CPU.
+Goal on a CPU: VGG-19's ``ratio`` (explain / forward) at most 1.1, in process and through
+HTTP in every server start.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ import httpx
 import torch
 
 from bench.common import device_name, p50, seconds_of, write_result
-from protopnet.threads import use_torch_threads
-from service.deps import resolve_options
+from common.threads import use_torch_threads
+from service.deps import ExplainOptions, resolve_options
 from service.images import DecodedImage, decode_image
+from service.registry import ModelInput, forward_batch
 from tests.support.servers import ServerProcess
 from tests.support.serving import (
     ModelSource,
@@ -54,7 +56,7 @@ from tests.support.serving import (
     serve,
 )
 
-GOAL_RATIO = 1.3
+GOAL_RATIO = 1.1
 
 
 def _ms(seconds: list[float]) -> float:
@@ -81,17 +83,19 @@ async def _measure(
         decoded = decode_image(
             images(0), served.preprocessing, settings.max_image_pixels, settings.max_map_side
         )
-        x = served.model_input(decoded.tensor[None])  # (1, 3, S, S), the model's layout
+        rt = served.runtime
+        x = decoded.tensor[None].to(rt.device, memory_format=rt.memory_format)  # (1, 3, S, S)
 
         def compute(decoded: DecodedImage) -> float:
             # The explanation's computation alone, as the issue defines it: from the
             # decoded image on the model's thread, the forward with its maps, then top
             # classes and prototypes, upsampled maps, boxes, sheets and JSON (and the
             # render blob kept for the PNGs). No hash, cache, decode or thread hand-off.
+            request = ModelInput(decoded.tensor, decoded.size, 3, 10)
+
             def run() -> None:
-                with torch.inference_mode():
-                    fwd = served._run_batch(decoded.tensor[None])[0]
-                svc._finish(served, decoded, "0" * 64, "0" * 32, 3, 10, "", fwd)
+                fwd = forward_batch(served.model, served.explainer, rt, [request])[0]
+                svc._finish(served, decoded, "0" * 64, "0" * 32, request, fwd)
 
             return seconds_of(run, x.device)
 
@@ -107,9 +111,10 @@ async def _measure(
 
         async def explain(upload: bytes, heatmaps: str) -> bytes:
             # The route's work after reading the upload: options, model, explain, present.
-            opts = resolve_options(settings, {"model": source.ref, "heatmaps": heatmaps})
+            given = {"model": source.ref, "heatmaps": heatmaps}
+            opts = resolve_options(settings, ExplainOptions, ("query", given))
             srv = await registry.get(opts.model)
-            body, hit = await svc.explain(srv, upload, opts.top_classes, opts.top_prototypes, "")
+            body, hit = await svc.explain(srv, upload, opts.top_classes, opts.top_prototypes)
             if hit:
                 raise RuntimeError("a benchmark request was answered from the cache")
             return await svc.present(body, opts.heatmaps)
@@ -164,7 +169,7 @@ async def _measure(
     if servers:
         out: dict[str, Any] = {
             "forward_http_phase_ms_p50": _ms(times["forward"]),
-            "model_torch_threads_http_phase": served.torch_threads,
+            "model_torch_threads_http_phase": served.runtime.torch_threads,
         }
         for k in servers:
             out[f"http_{k}_ms_p50"] = _ms(times[f"http_{k}"])
@@ -177,7 +182,7 @@ async def _measure(
         "image_size": served.preprocessing.img_size,
         "prototypes": model.num_prototypes,
         "classes": model.num_classes,
-        "model_torch_threads": served.torch_threads,  # as chosen at warm-up
+        "model_torch_threads": served.runtime.torch_threads,
         "repeats": repeats,
         "forward_ms_p50": _ms(times["forward"]),
         "compute_ms_p50": _ms(times["compute"]),
@@ -189,21 +194,26 @@ async def _measure(
     }
 
 
-def run_model(source: ModelSource, repeats: int, tmp: Path) -> dict[str, Any]:
-    """In process first, with no server running; then through HTTP. Each phase times
-    its own bare forward beside its columns: a server's threads (an OpenMP worker
-    spinning after a request) would otherwise slow the in-process timings on 2 cores."""
+def run_model(source: ModelSource, repeats: int, tmp: Path, starts: int) -> dict[str, Any]:
+    """In process first, with no server running; then through HTTP, ``starts`` times
+    with servers started afresh (each start is reported: whether a start gets the cores
+    its model needs must not be left to chance). Each phase times its own bare forward
+    beside its columns: a server's threads would otherwise slow the in-process timings."""
     out = asyncio.run(_measure(source, repeats, {}))
-    servers: dict[str, ServerProcess] = {}
-    try:
-        # The service's default batching settings, and batching off.
-        servers["batched"] = serve(tmp, source, log_level="warning")
-        servers["unbatched"] = serve(tmp, source, log_level="warning", max_batch=1)
-        out.update(asyncio.run(_measure(source, repeats, servers)))
-    finally:
-        for s in servers.values():
-            s.stop()
-    out["http_ms_p50"] = out["http_batched_ms_p50"]
+    out["http_starts"] = []
+    for _ in range(starts):
+        servers: dict[str, ServerProcess] = {}
+        try:
+            # The service's default batching settings, and batching off.
+            servers["batched"] = serve(tmp, source, log_level="warning")
+            servers["unbatched"] = serve(tmp, source, log_level="warning", max_batch=1)
+            out["http_starts"].append(asyncio.run(_measure(source, repeats, servers)))
+        finally:
+            for s in servers.values():
+                s.stop()
+    for mode in ("batched", "unbatched"):  # the worst start, for the headline
+        out[f"http_{mode}_ratio"] = max(r[f"http_{mode}_ratio"] for r in out["http_starts"])
+    out["http_ms_p50"] = max(r["http_batched_ms_p50"] for r in out["http_starts"])
     return out
 
 
@@ -212,27 +222,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     ap.add_argument("--repeats-demo", type=int, default=200)
     ap.add_argument("--repeats-vgg", type=int, default=20)
+    ap.add_argument("--starts", type=int, default=3, help="server starts for the HTTP phase")
     add_model_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
-        args.repeats_demo, args.repeats_vgg = 30, 4
+        args.repeats_demo, args.repeats_vgg, args.starts = 30, 4, 1
     results: dict[str, Any] = {"device": device_name(), "goal_ratio": GOAL_RATIO, "models": {}}
     # This thread stands in for the service's event loop and never runs torch in
     # parallel; each model's thread gets what the service chooses at warm-up (one thread
-    # or one per core; see protopnet/threads.py for why only one thread may).
+    # or one per core; see common/threads.py for why only one thread may).
     use_torch_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as d:
         tmp = Path(d)
         repeats = {"demo": args.repeats_demo, "vgg19_224": args.repeats_vgg}
         for key, make in model_cases(tmp, args):
-            r = run_model(make(), repeats[key], tmp)
+            r = run_model(make(), repeats[key], tmp, args.starts)
             results["models"][key] = r
             print(
                 f"{key:10s} forward {r['forward_ms_p50']:8.2f} ms | compute "
                 f"{r['compute_ms_p50']:8.2f} ms (x{r['compute_ratio']:.2f}) | explain "
                 f"{r['explain_ms_p50']:8.2f} ms (x{r['ratio']:.2f}; inline PNGs "
                 f"x{r['ratio_inline']:.2f}) | HTTP {r['http_ms_p50']:8.2f} ms "
-                f"(x{r['http_batched_ratio']:.2f}; batching off x{r['http_unbatched_ratio']:.2f})"
+                f"(worst of {args.starts} starts x{r['http_batched_ratio']:.2f}; batching off "
+                f"x{r['http_unbatched_ratio']:.2f}; each: "
+                + ", ".join(
+                    f"x{h['http_batched_ratio']:.2f}/x{h['http_unbatched_ratio']:.2f}"
+                    for h in r["http_starts"]
+                )
+                + ")"
                 f"  goal explain <= x{GOAL_RATIO}"
             )
     write_result("explain_latency", results)

@@ -38,10 +38,11 @@ import orjson
 import torch
 
 from bench.common import device_name, p50, write_result
-from protopnet.threads import use_torch_threads
+from common.threads import use_torch_threads
 from service import render
 from service.explanations import build_explanation, image_info
 from service.images import decode_image
+from service.registry import ForwardResult, ModelInput, forward_batch
 from tests.support.serving import (
     ModelSource,
     RequestImages,
@@ -136,27 +137,29 @@ async def _steps(source: ModelSource, seconds: float, rounds: int) -> dict[str, 
         prep, s = served.preprocessing, settings
         uploads = [images(i) for i in range(64)]
         decoded = [decode_image(u, prep, s.max_image_pixels, s.max_map_side) for u in uploads]
-        with torch.inference_mode():
-            fwds = [served._run_batch(d.tensor[None])[0] for d in decoded[:16]]
+        requests = [ModelInput(d.tensor, d.size, 3, 10) for d in decoded]
+
+        def run(r: ModelInput) -> list[ForwardResult]:
+            return forward_batch(served.model, served.explainer, served.runtime, [r])
+
+        fwds = [run(r)[0] for r in requests[:16]]
         images_and_fwds = list(zip(decoded[:16], fwds, strict=True))
         pairs = itertools.cycle(images_and_fwds)
         ups = itertools.cycle(uploads)
-        inputs = itertools.cycle(decoded)
+        inputs = itertools.cycle(requests)
 
         def explain_maps(d: Any, f: Any) -> Any:
-            return served.explainer.explain_maps(
-                f.sim_maps[None], f.logits[None], f.min_distances[None], [d.size], 3, 10
-            )[0]
+            return served.explanation(f, ModelInput(d.tensor, d.size, 3, 10))
 
         exps = itertools.cycle([(d, explain_maps(d, f)) for d, f in images_and_fwds])
 
         def finish() -> None:
             d, f = next(pairs)
-            svc._finish(served, d, "0" * 64, "0" * 32, 3, 10, "", f)
+            svc._finish(served, d, "0" * 64, "0" * 32, ModelInput(d.tensor, d.size, 3, 10), f)
 
         def json_step() -> None:
             d, e = next(exps)
-            orjson.dumps(build_explanation(e, served, image_info(d, "0" * 64), "0" * 32, ""))
+            orjson.dumps(build_explanation(e, served, image_info(d, "0" * 64), "0" * 32))
 
         def pack() -> None:
             d, e = next(exps)
@@ -164,7 +167,7 @@ async def _steps(source: ModelSource, seconds: float, rounds: int) -> dict[str, 
 
         steps: dict[str, Callable[[], Any]] = {
             "decode": lambda: decode_image(next(ups), prep, s.max_image_pixels, s.max_map_side),
-            "forward": lambda: served._run_batch(next(inputs).tensor[None]),
+            "forward": lambda: run(next(inputs)),
             "finish": finish,
             "finish.maps": lambda: explain_maps(*next(pairs)),
             "finish.json": json_step,

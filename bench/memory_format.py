@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from bench.common import device_name, p50, seconds_of, write_result
+from common.devices import pick_device
+from common.threads import DEFAULT_TORCH_THREADS, on_scratch_thread, use_torch_threads
 from protopnet.config import ProtoPNetConfig
 from protopnet.model import ProtoPNet, create_model
-from protopnet.threads import DEFAULT_TORCH_THREADS, on_scratch_thread, use_torch_threads
-from service.registry import pick_device
 from tests.support.serving import cub_vgg19_config, demo_architecture
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -32,7 +32,7 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
     "explain_latency": ([], ["--quick"]),
     "service_throughput": ([], ["--quick"]),
     "gil": ([], ["--quick"]),
-    "model_threads": ([], ["--quick"]),
+    "explain_paths": ([], ["--quick"]),
     "memory_format": ([], ["--quick"]),
     "load": ([], ["--quick"]),
     "faults": ([], ["--quick"]),

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from bench.accuracy import Baseline
 from bench.common import device_name, p50, seconds_of, write_result
+from common.devices import pick_device
 from protopnet.model import create_model
 from tests.support.serving import cub_vgg19_config
 from training import engine
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="*", default=list(_cases()))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = engine.pick_device("auto")
+    device = pick_device("auto", "train.device")
     cases = _cases()
     results = []
     for name in args.cases:

@@ -25,6 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.image_files import (
+    IMAGE_SUFFIXES,
+    ImageFileError,
+    class_folders,
+    images_under,
+    open_image_file,
+)
 from model_store.errors import PublishError, UnsafePickleError
 from model_store.integrity import sha256_file
 from model_store.manifest import Manifest, PrototypeRecord
@@ -32,13 +39,11 @@ from model_store.store import DEFAULT_ALIAS, ModelStore, PrototypeVisuals
 from protopnet.backbones import clean_state_dict_keys, get_backbone_spec
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.errors import UnknownNameError, WeightsError
-from protopnet.explain import percentile_boxes, place_maps
+from protopnet.explain import source_boxes
 from protopnet.model import ProtoPNet, create_model
 from protopnet.preprocess import eval_transform, to_model_mode
 from protopnet.push import NearestPatchSearch
-from protopnet.visualize import crop, draw_boxes, overlay
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Keys of the reference's ProtoPNet that hold no weights of ours.
 _IGNORED_KEYS = ("prototype_class_identity",)
 
@@ -234,11 +239,10 @@ def image_folder(root: Path, class_names: Sequence[str]) -> list[tuple[Path, int
         raise PublishError(f"image folder {str(root)!r} does not exist")
     index = {c: k for k, c in enumerate(class_names)}
     items: list[tuple[Path, int]] = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if sub.name not in index:
-            raise UnknownNameError("class folder", sub.name, class_names)
-        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        items += [(p, index[sub.name]) for p in files]
+    for name in class_folders(root):
+        if name not in index:
+            raise UnknownNameError("class folder", name, class_names)
+        items += [(p, index[name]) for p in images_under(root / name)]
     if not items:
         raise PublishError(
             f"no images under {str(root)!r}: expected <class name>/<image> files "
@@ -294,10 +298,9 @@ def nearest_patch_pictures(
         img = to_model_mode(_open_image(path), prep)
         pic = np.asarray(img)  # (H, W, 3) uint8, what the model saw before resizing
         W, H = img.size
-        canvas, (vx0, vy0, vx1, vy1) = place_maps(maps[j : j + 1], (W, H), (W, H), prep)
-        box_t = percentile_boxes(canvas[:, vy0:vy1, vx0:vx1])[0]
-        x0, y0, x1, y1 = (int(v) for v in box_t.tolist())
-        box = (x0 + vx0, y0 + vy0, x1 + vx0, y1 + vy0)
+        canvas, boxes = source_boxes(maps[j : j + 1], (W, H), prep)
+        x0, y0, x1, y1 = (int(v) for v in boxes[0].tolist())
+        box = (x0, y0, x1, y1)
         rel = path.relative_to(root).as_posix()
         records.append(
             PrototypeRecord(
@@ -311,23 +314,15 @@ def nearest_patch_pictures(
                 box=box,
             )
         )
-        visuals[j] = PrototypeVisuals(
-            patch=crop(pic, box),
-            source=draw_boxes(pic, [box]),
-            activation=overlay(pic, canvas[0].numpy()),
-        )
+        visuals[j] = PrototypeVisuals.draw(pic, box, canvas[0].numpy())
     return records, visuals, maps, len(items)
 
 
 def _open_image(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError) as exc:
+        return open_image_file(path)
+    except ImageFileError as exc:
         raise PublishError(f"cannot read image {str(path)!r}: {exc}") from None
-    return img
 
 
 # ---------------------------------------------------------------------------------------

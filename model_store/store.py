@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from common.atomic import atomic_write, fsync_dir
 from model_store.errors import (
     IntegrityError,
     InvalidNameError,
@@ -58,7 +59,7 @@ from model_store.manifest import Manifest, Metrics, PrototypeRecord
 from protopnet.config import Preprocessing
 from protopnet.errors import UnknownNameError, WeightsError
 from protopnet.model import ProtoPNet, create_model
-from protopnet.visualize import encode_png
+from protopnet.visualize import crop, draw_boxes, encode_png, overlay
 
 WEIGHTS = "weights.safetensors"
 ACTIVATIONS = "prototypes/activations.safetensors"
@@ -76,6 +77,18 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def prototype_image_path(index: int, kind: str) -> str:
     """Relative path of prototype ``index``'s image of ``kind`` inside a version folder."""
     return f"prototypes/{index}_{kind}.png"
+
+
+def prototype_image_rel(manifest: Manifest, j: int, kind: str) -> str | None:
+    """The manifest's file for prototype j's picture of ``kind``; None when the version
+    has none; UnknownNameError for a kind or index the version does not have."""
+    if kind not in IMAGE_KINDS:
+        raise UnknownNameError("prototype image kind", str(kind), IMAGE_KINDS)
+    P = len(manifest.prototypes)
+    if not isinstance(j, int) or not 0 <= j < P:
+        raise UnknownNameError("prototype", str(j), [f"0..{P - 1}"])
+    rel = prototype_image_path(j, kind)
+    return rel if rel in manifest.files else None
 
 
 def check_name(kind: str, value: str) -> str:
@@ -101,6 +114,16 @@ class PrototypeVisuals:
     source: np.ndarray  # the source image with the box drawn
     activation: np.ndarray  # the self-activation heatmap overlaid on the source image
 
+    @classmethod
+    def draw(
+        cls, rgb: np.ndarray, box: tuple[int, int, int, int], activation: np.ndarray
+    ) -> PrototypeVisuals:
+        """The pictures of a prototype found at ``box`` of the source image ``rgb``
+        (H, W, 3), with its (H, W) activation map: push and the importer both draw here."""
+        return cls(
+            patch=crop(rgb, box), source=draw_boxes(rgb, [box]), activation=overlay(rgb, activation)
+        )
+
 
 @dataclass
 class ModelEntry:
@@ -125,13 +148,7 @@ class LoadedModel:
         return f"{self.manifest.name}@{self.manifest.version}"
 
     def _image_rel(self, j: int, kind: str) -> str | None:
-        if kind not in IMAGE_KINDS:
-            raise UnknownNameError("prototype image kind", str(kind), IMAGE_KINDS)
-        P = len(self.manifest.prototypes)
-        if not isinstance(j, int) or not 0 <= j < P:
-            raise UnknownNameError("prototype", str(j), [f"0..{P - 1}"])
-        rel = prototype_image_path(j, kind)
-        return rel if rel in self.manifest.files else None
+        return prototype_image_rel(self.manifest, j, kind)
 
     def prototype_image(self, j: int, kind: ImageKind) -> Path | None:
         """Path of prototype j's PNG of ``kind``; None when the version has no such image."""
@@ -165,19 +182,8 @@ def _write(path: Path, data: bytes) -> str:
     return sha256_bytes(data)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    _write(tmp, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def code_version() -> str:
@@ -387,6 +393,13 @@ class ModelStore:
         name, version = self.resolve(ref)
         return read_manifest(self.root / name / version)[0]
 
+    def prototype_image_bytes(self, manifest: Manifest, j: int, kind: ImageKind) -> bytes | None:
+        """Prototype j's PNG of the version ``manifest`` describes, checked against its
+        hash, without loading the model; None when the version has no such picture."""
+        rel = prototype_image_rel(manifest, j, kind)
+        folder = self.root / manifest.name / manifest.version
+        return None if rel is None else read_verified(folder, manifest, rel)
+
     def load(self, ref: str) -> LoadedModel:
         """Verify a version and rebuild its model (eval mode, CPU, strict weights)."""
         folder, manifest, digest = self._open(ref, skip=(WEIGHTS,))
@@ -496,7 +509,7 @@ class ModelStore:
                 )
             files.update(self._write_images(tmp, visuals))
             if (tmp / "prototypes").is_dir():
-                _fsync_dir(tmp / "prototypes")
+                fsync_dir(tmp / "prototypes")
 
             with self._locked(name):
                 self._clean_abandoned(d)
@@ -539,11 +552,11 @@ class ModelStore:
                 raw = manifest.model_dump_json(indent=2).encode()
                 _write(tmp / MANIFEST, raw)
                 _write(tmp / MANIFEST_HASH, manifest_hash_line(sha256_bytes(raw)).encode())
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 # rename(2) of a directory fails if the target exists and is not empty, and
                 # every version folder holds files: the lock plus this keep versions unique.
                 os.rename(tmp, d / chosen)
-                _fsync_dir(d)
+                fsync_dir(d)
                 if chosen.isdigit():
                     registry["highest_version"] = max(
                         int(registry.get("highest_version", 0)), int(chosen)

@@ -273,6 +273,18 @@ def place_maps(
     return canvas, (vx0, vy0, vx1, vy1)
 
 
+def source_boxes(
+    maps: torch.Tensor, size: tuple[int, int], prep: Preprocessing
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent maps (J, H', W') placed on a (width, height) source image at its own size:
+    the (J, H, W) maps and their 95th-percentile boxes (J, 4) in source pixels (x0, y0,
+    x1, y1, end exclusive). Push and the importer find a prototype's box here."""
+    canvas, (vx0, vy0, vx1, vy1) = place_maps(maps, size, size, prep)
+    boxes = percentile_boxes(canvas[:, vy0:vy1, vx0:vx1])
+    boxes += torch.tensor([vx0, vy0, vx0, vy0], device=boxes.device)
+    return canvas, boxes
+
+
 def prototypes_by_class(classes: list[int], num_classes: int) -> list[np.ndarray]:
     """For each class, the indices of its own prototypes in index order (``classes``: the
     class of each prototype)."""

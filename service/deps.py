@@ -1,31 +1,25 @@
-"""Request dependencies as Annotated aliases, the API-key check, and upload reading."""
+"""Request dependencies as Annotated aliases: the app's objects, path parameters, the
+API-key check, and the upload with its options (declared once, ``ExplainOptions``)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Path, Request
-from pydantic import BaseModel, BeforeValidator, Field, TypeAdapter, ValidationError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from fastapi import Depends, Path, Query, Request
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from service.cache import ExplanationCache
-from service.errors import (
-    BadOptionError,
-    EmptyImageError,
-    TooLargeError,
-    UnauthorizedError,
-    UnsupportedMediaError,
-    validation_message,
-)
+from service.errors import BadOptionError, UnauthorizedError, validation_message
 from service.explanations import ExplanationService
 from service.registry import ModelRegistry
 from service.schemas import HeatmapMode
 from service.settings import Settings
+from service.uploads import Upload, read_upload
 
 
 # The getters are coroutines on purpose: FastAPI runs a plain ``def`` dependency on its
@@ -102,155 +96,118 @@ async def require_api_key(request: Request) -> None:
 ApiKey = Depends(require_api_key)
 
 
-# -- uploads --------------------------------------------------------------------------
-
-MULTIPART_OVERHEAD = 64 * 1024  # boundaries and small option fields around the image
-
-
-@dataclass
-class Upload:
-    """The image bytes and any form fields sent with them."""
-
-    data: bytes
-    content_type: str
-    fields: dict[str, str] = field(default_factory=dict)
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1024 * 1024):.4g} MiB"
-
-
-async def read_body(request: Request, limit: int, allowed: int | None = None) -> bytes:
-    """The whole body, refusing more than ``allowed`` bytes (declared or streamed; default
-    ``limit``). Messages name ``limit``, the configured size a client must stay within
-    (a multipart body is allowed ``MULTIPART_OVERHEAD`` more for its framing)."""
-    allowed = limit if allowed is None else allowed
-    stated = f"the limit is {limit} bytes ({_mib(limit)}, PROTOPNET_MAX_UPLOAD_BYTES)"
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > allowed:
-        raise TooLargeError(
-            f"the request body is {int(declared)} bytes ({_mib(int(declared))}); {stated}",
-            headers={"Connection": "close"},
-        )
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > allowed:
-            raise TooLargeError(
-                f"the request body is over {len(buf)} bytes; {stated}",
-                headers={"Connection": "close"},
-            )
-    return bytes(buf)
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-ACCEPTED = (
-    "send the image as multipart/form-data field 'image' (curl -F image=@photo.jpg) or as the "
-    "raw body with an image/* or application/dicom content type (curl -H "
-    "'Content-Type: image/jpeg' --data-binary @photo.jpg)"
-)
-RAW_TYPES = ("application/dicom",)  # raw bodies accepted besides image/*
-
-
-async def read_upload(request: Request, settings: Settings) -> Upload:
-    """The image from a multipart field ``image`` or from a raw image/* (or DICOM) body."""
-    limit = settings.max_upload_bytes
-    media = _media_type(request)
-    if media == "multipart/form-data":
-        body = await read_body(request, limit, allowed=limit + MULTIPART_OVERHEAD)
-        if not body:
-            raise EmptyImageError(f"the request body is empty; {ACCEPTED}")
-        return await _parse_multipart(request, body, limit)
-    body = await read_body(request, limit)
-    if not body:
-        raise EmptyImageError(f"the request body is empty; {ACCEPTED}")
-    if not (media.startswith("image/") or media in RAW_TYPES):
-        shown = media or "(none)"
-        raise UnsupportedMediaError(f"content type {shown} is not accepted; {ACCEPTED}")
-    return Upload(data=body, content_type=media)
-
-
-async def _parse_multipart(request: Request, body: bytes, limit: int) -> Upload:
-    async def stream() -> AsyncGenerator[bytes, None]:
-        yield body
-
-    parser = MultiPartParser(request.headers, stream(), max_files=4, max_fields=32)
-    try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        raise BadOptionError(f"the multipart body could not be parsed: {e.message}") from None
-    try:
-        image = form.get("image")
-        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        if image is None:
-            got = ", ".join(sorted(set(form.keys()))) or "none"
-            raise BadOptionError(f"the multipart body has no field 'image' (fields sent: {got})")
-        if not isinstance(image, UploadFile):
-            raise BadOptionError("the multipart field 'image' must be a file, not a text value")
-        data = await image.read()
-        if len(data) > limit:
-            raise TooLargeError(
-                f"the image is {len(data)} bytes ({_mib(len(data))}); the limit is {limit} "
-                f"bytes ({_mib(limit)}, PROTOPNET_MAX_UPLOAD_BYTES)"
-            )
-        if not data:
-            raise EmptyImageError(f"the multipart field 'image' is empty; {ACCEPTED}")
-        return Upload(data=data, content_type=image.content_type or "", fields=fields)
-    finally:
-        await form.close()
-
-
 # -- options --------------------------------------------------------------------------
 
 
-class ExplainOptions(BaseModel):
+class PredictOptions(BaseModel):
+    """The options of /predict, from the query string or form fields (the query wins);
+    unset ones take the settings' defaults (``resolve_options``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
     model: str | None = Field(default=None, description="name, name@version or name@alias")
-    top_classes: int = 3  # range-checked against the settings in resolve_options
-    top_prototypes: int = 10
-    heatmaps: HeatmapMode = "url"
+    top_classes: int | None = Field(
+        default=None, description="classes ranked (default 3, PROTOPNET_DEFAULT_TOP_CLASSES)"
+    )
 
 
-_OPTION_TYPES: dict[str, TypeAdapter[Any]] = {
-    "model": TypeAdapter(str),
-    "top_classes": TypeAdapter(int),
-    "top_prototypes": TypeAdapter(int),
-    "heatmaps": TypeAdapter(HeatmapMode),
-}
+class ExplainOptions(PredictOptions):
+    """The options of /explain: /predict's and two more."""
+
+    top_prototypes: int | None = Field(
+        default=None,
+        description="most activated prototypes shown (default 10, PROTOPNET_DEFAULT_TOP_PROTOTYPES)",
+    )
+    heatmaps: HeatmapMode | None = Field(
+        default=None, description="url (default): links; inline: base64 PNGs; none"
+    )
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options resolved: every one set, within the settings' limits."""
+
+    model: str | None
+    top_classes: int
+    top_prototypes: int
+    heatmaps: HeatmapMode
+
+
+@functools.lru_cache(maxsize=32)
+def _adapter(kind: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    return TypeAdapter(kind.model_fields[name].annotation)  # type: ignore[arg-type]
 
 
 def resolve_options(
-    settings: Settings, query: dict[str, Any], form: dict[str, str] | None = None
-) -> ExplainOptions:
-    """Query parameters, else form fields, else the settings' defaults; checked."""
+    settings: Settings, kind: type[PredictOptions], *sources: tuple[str, Mapping[str, Any]]
+) -> Options:
+    """The options ``kind`` declares, each from the first source that gives it (in order,
+    e.g. ("query", ...), ("form", ...)), else the settings' default; checked."""
     values: dict[str, Any] = {}
-    for name, adapter in _OPTION_TYPES.items():
-        raw = query.get(name)
-        source = "query"
-        if raw is None and form and name in form:
-            raw, source = form[name], "form"
-        if raw is None:
-            continue
-        try:
-            values[name] = adapter.validate_python(raw, strict=False)
-        except ValidationError as e:
-            errs = [dict(err, loc=(source, name), input=raw) for err in e.errors()]
-            raise BadOptionError(validation_message(errs)) from None
+    for name in kind.model_fields:
+        for source, given in sources:
+            raw = given.get(name)
+            if raw is None:
+                continue
+            try:
+                values[name] = _adapter(kind, name).validate_python(raw, strict=False)
+            except ValidationError as e:
+                errs = [dict(err, loc=(source, name), input=raw) for err in e.errors()]
+                raise BadOptionError(validation_message(errs)) from None
+            break
     if values.get("model") is not None and not values["model"].strip():
         raise BadOptionError(
             "model is empty: give name, name@version or name@alias, or leave the option "
             f"out for the default model ({settings.default_model})"
         )
-    values.setdefault("top_classes", settings.default_top_classes)
-    values.setdefault("top_prototypes", settings.default_top_prototypes)
-    opts = ExplainOptions(**values)
+    opts = Options(
+        model=values.get("model"),
+        top_classes=values.get("top_classes") or settings.default_top_classes,
+        top_prototypes=values.get("top_prototypes") or settings.default_top_prototypes,
+        heatmaps=values.get("heatmaps") or "url",
+    )
     limits = (
-        ("top_classes", opts.top_classes, settings.max_top_classes),
-        ("top_prototypes", opts.top_prototypes, settings.max_top_prototypes),
+        ("top_classes", values.get("top_classes"), settings.max_top_classes),
+        ("top_prototypes", values.get("top_prototypes"), settings.max_top_prototypes),
     )
     for name, value, hi in limits:
-        if not 1 <= value <= hi:
+        if value is not None and not 1 <= value <= hi:
             raise BadOptionError(f"{name} must be between 1 and {hi} (got {value})")
     return opts
+
+
+def _query(request: Request) -> dict[str, str]:
+    return dict(request.query_params)
+
+
+async def explain_request(
+    request: Request, settings: SettingsDep, _: Annotated[ExplainOptions, Query()]
+) -> tuple[Upload, Options]:
+    """The upload and the /explain options from its query and form fields. The query is
+    declared as ``ExplainOptions`` for the API docs; the values are read here once, with
+    the form's, so that both are checked alike."""
+    upload = await read_upload(request, settings)
+    opts = resolve_options(
+        settings, ExplainOptions, ("query", _query(request)), ("form", upload.fields)
+    )
+    return upload, opts
+
+
+async def predict_request(
+    request: Request, settings: SettingsDep, _: Annotated[PredictOptions, Query()]
+) -> tuple[Upload, Options]:
+    """``explain_request`` for /predict's options."""
+    upload = await read_upload(request, settings)
+    opts = resolve_options(
+        settings, PredictOptions, ("query", _query(request)), ("form", upload.fields)
+    )
+    return upload, opts
+
+
+ExplainRequest = Annotated[tuple[Upload, Options], Depends(explain_request)]
+PredictRequest = Annotated[tuple[Upload, Options], Depends(predict_request)]
+
+
+def form_fields(kind: type[PredictOptions]) -> dict[str, Any]:
+    """The OpenAPI properties of ``kind``'s options as multipart form fields."""
+    return kind.model_json_schema()["properties"]

@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from model_store.errors import InvalidNameError
 from protopnet.errors import ProtoPNetError, UnknownNameError
+from service.batcher import BatcherClosed, BatcherFull
 
 log = logging.getLogger("service")
 
@@ -185,6 +186,19 @@ def install_error_handlers(app: FastAPI) -> None:
             extra={"request_id": request_id_of(request), "path": request.url.path},
         )
         return error_response(request, CLIENT_CLOSED, "client_closed_request", "client left")
+
+    @app.exception_handler(BatcherFull)
+    async def _full(request: Request, exc: BatcherFull) -> JSONResponse:
+        request.app.state.metrics.rejected.inc()
+        message = f"the model is busy: {exc}; retry after {exc.retry_after} s"
+        headers = {"Retry-After": str(exc.retry_after)}
+        return error_response(request, 503, QueueFullError.code, message, headers)
+
+    @app.exception_handler(BatcherClosed)
+    async def _closed(request: Request, exc: BatcherClosed) -> JSONResponse:
+        # Unloaded (max_loaded_models) or shutting down while the request waited.
+        message = f"{exc}; retry after 1 s"
+        return error_response(request, 503, QueueFullError.code, message, {"Retry-After": "1"})
 
     @app.exception_handler(ProtoPNetError)
     async def _domain(request: Request, exc: ProtoPNetError) -> JSONResponse:

@@ -1,9 +1,10 @@
-"""The request path: decode -> batched forward -> explainer's maps and boxes -> JSON.
+"""The request path: decode -> batched forward -> explanation -> JSON and cache.
 
-PNGs are not made here unless asked for (heatmaps=inline); they are drawn later from the
-cached maps by ``service.render``. CPU work runs on the worker pool, the forward on the
-model's own thread (followed there by the maps and JSON when the image was batched
-alone), so the event loop only waits.
+Decoding runs on the worker pool, the forward on the model's own thread (on a GPU with
+the explanation's maps and boxes, for the whole batch), the rest of each image's work
+back on the pool: on the CPU the maps and boxes, then the JSON and the blobs the cache
+keeps. The event loop only waits. PNGs are not made here unless asked for
+(heatmaps=inline); ``service.render`` draws them later from the cached maps.
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 import orjson
-import torch
 
 from protopnet.explain import ImageExplanation, top_indices
 from service import render
-from service.batcher import BatcherClosed, BatcherFull
 from service.cache import ExplanationCache
-from service.errors import NotFoundError, QueueFullError
+from service.errors import NotFoundError
 from service.images import DecodedImage, decode_opened, is_small, open_image, sha256_hex
 from service.metrics import Metrics
-from service.registry import ForwardResult, ServedModel
+from service.registry import ForwardResult, ModelInput, ServedModel
 from service.schemas import (
     ClassScore,
     ExplainResponse,
@@ -104,9 +103,9 @@ def build_explanation(
     served: ServedModel,
     info: ImageInfo,
     expl_id: str,
-    root: str,
 ) -> dict[str, Any]:
-    """The JSON of one explanation (heatmaps as URLs) from the explainer's output.
+    """The JSON of one explanation (heatmaps as URLs under no prefix: ``with_root``) from
+    the explainer's output.
 
     Built as plain dicts and lists in exactly ``ExplainResponse``'s shape (the route's
     documented response model; a test checks the two agree field for field), because
@@ -175,8 +174,8 @@ def build_explanation(
             zip(top_p, top_sims, exp.latent_peaks.numpy()[top_p].tolist(), strict=True)
         )
     ]
-    base = f"{root}/explanations/{expl_id}"
-    model_base = f"{root}/models/{served.name}@{served.version}/prototypes/"
+    base = f"/explanations/{expl_id}"
+    model_base = f"/models/{served.name}@{served.version}/prototypes/"
     boxes, peaks = exp.boxes.tolist(), exp.peaks.tolist()
     shown = []
     for (x0, y0, x1, y1), (px, py), j, s in zip(boxes, peaks, shown_j, shown_sims, strict=True):
@@ -216,6 +215,18 @@ def build_explanation(
     }
 
 
+def with_root(json_bytes: bytes, root: str) -> bytes:
+    """An explanation's JSON with its links under ``root``. Every link starts with
+    "/explanations/<id>" or "/models/<name>@<version>/prototypes/"; no other JSON string
+    can (a label would have to be one of them, and labels are folder names: no "/")."""
+    if not root:
+        return json_bytes
+    r = root.encode()
+    return json_bytes.replace(b'"/explanations/', b'"' + r + b"/explanations/").replace(
+        b'"/models/', b'"' + r + b"/models/"
+    )
+
+
 class ExplanationService:
     """Orchestrates decoding, the batched forward, explanation, caching and rendering."""
 
@@ -243,30 +254,9 @@ class ExplanationService:
             return decode_opened(img, prep, s.max_image_pixels, s.max_map_side)
         return await self.run(decode_opened, img, prep, s.max_image_pixels, s.max_map_side)
 
-    async def forward(
-        self,
-        served: ServedModel,
-        x: torch.Tensor,
-        then: Callable[[ForwardResult], Any] | None = None,
-    ) -> Any:
-        """The forward result, or ``then`` of it (see ``ServedModel.forward``)."""
-        try:
-            return await served.forward(x, then)
-        except BatcherClosed:  # unloaded (max_loaded_models) or shutting down meanwhile
-            raise QueueFullError(
-                f"model {served.ref} was just unloaded; retry after 1 s",
-                headers={"Retry-After": "1"},
-            ) from None
-        except BatcherFull as e:
-            self.metrics.rejected.inc()
-            raise QueueFullError(
-                f"model {served.ref} is busy: {e}; retry after {e.retry_after} s",
-                headers={"Retry-After": str(e.retry_after)},
-            ) from None
-
     # -- /explain ---------------------------------------------------------------------
     async def explain(
-        self, served: ServedModel, data: bytes, top_classes: int, top_prototypes: int, root: str
+        self, served: ServedModel, data: bytes, top_classes: int, top_prototypes: int
     ) -> tuple[bytes, bool]:
         """(explanation JSON with heatmap URLs, whether it was already made: cached, or
         being made for an identical request)."""
@@ -282,7 +272,7 @@ class ExplanationService:
             self.metrics.coalesced.inc()
             return await asyncio.shield(task), True
         task = asyncio.create_task(
-            self._compute(served, data, sha, eid, top_classes, top_prototypes, root)
+            self._compute(served, data, sha, eid, top_classes, top_prototypes)
         )
         self._in_flight[eid] = task
         task.add_done_callback(lambda _: self._in_flight.pop(eid, None))
@@ -296,13 +286,11 @@ class ExplanationService:
         eid: str,
         top_classes: int,
         top_prototypes: int,
-        root: str,
     ) -> bytes:
         decoded = await self.decode(served, data)
-        finish = functools.partial(
-            self._finish, served, decoded, sha, eid, top_classes, top_prototypes, root
-        )
-        fields: dict[str, bytes] = await self.forward(served, decoded.tensor, finish)
+        request = ModelInput(decoded.tensor, decoded.size, top_classes, top_prototypes)
+        fwd = await served.forward(request)
+        fields = await self.run(self._finish, served, decoded, sha, eid, request, fwd)
         return await self.cache.put_first(eid, fields)
 
     def _finish(
@@ -311,22 +299,13 @@ class ExplanationService:
         decoded: DecodedImage,
         sha: str,
         eid: str,
-        top_classes: int,
-        top_prototypes: int,
-        root: str,
+        request: ModelInput,
         fwd: ForwardResult,
     ) -> dict[str, bytes]:
-        """Post-forward work for one image: maps, boxes, JSON, cache blobs. Runs on the
-        model thread after a forward of this image alone, else on a worker."""
-        exp = served.explainer.explain_maps(
-            fwd.sim_maps[None],
-            fwd.logits[None],
-            fwd.min_distances[None],
-            [decoded.size],
-            top_classes,
-            top_prototypes,
-        )[0]
-        body = build_explanation(exp, served, image_info(decoded, sha), eid, root)
+        """Post-forward work for one image, on a worker: its explanation (on the CPU: the
+        maps and boxes; on a GPU the batch made them), JSON and cache blobs."""
+        exp = served.explanation(fwd, request)
+        body = build_explanation(exp, served, image_info(decoded, sha), eid)
         fields = {
             "json": orjson.dumps(body),
             "render": render.pack_render(exp, served.preprocessing, decoded.display),
@@ -335,20 +314,25 @@ class ExplanationService:
             fields["image"] = render.encode_jpeg(decoded.display)
         return fields
 
-    async def present(self, json_bytes: bytes, mode: HeatmapMode) -> bytes:
-        """The stored JSON as the client asked: URLs (as stored), inline PNGs, or none."""
-        if mode == "url":
-            return json_bytes
-        resp = ExplainResponse.model_validate_json(json_bytes)
-        resp.heatmaps = mode
-        if mode == "none":
-            for p in resp.prototypes:
-                p.heatmap = None
-            return resp.model_dump_json(exclude_none=False).encode()
-        pngs = await self.heatmaps(resp.id, [p.prototype for p in resp.prototypes], "overlay")
-        for p, png in zip(resp.prototypes, pngs, strict=True):
-            p.heatmap_png = base64.b64encode(png).decode("ascii")
-        return resp.model_dump_json().encode()
+    async def present(self, json_bytes: bytes, mode: HeatmapMode, root: str = "") -> bytes:
+        """The stored JSON as the client asked: URLs (as stored), inline PNGs, or none;
+        its links under ``root`` (the path prefix behind a proxy), which the cache does
+        not hold: one entry serves clients behind any prefix."""
+        if mode != "url":
+            resp = ExplainResponse.model_validate_json(json_bytes)
+            resp.heatmaps = mode
+            if mode == "none":
+                for p in resp.prototypes:
+                    p.heatmap = None
+                json_bytes = resp.model_dump_json(exclude_none=False).encode()
+            else:
+                pngs = await self.heatmaps(
+                    resp.id, [p.prototype for p in resp.prototypes], "overlay"
+                )
+                for p, png in zip(resp.prototypes, pngs, strict=True):
+                    p.heatmap_png = base64.b64encode(png).decode("ascii")
+                json_bytes = resp.model_dump_json().encode()
+        return with_root(json_bytes, root)
 
     async def stored_json(self, eid: str) -> bytes:
         data = await self.cache.get(eid, "json")
@@ -359,7 +343,7 @@ class ExplanationService:
     # -- /predict ---------------------------------------------------------------------
     async def predict(self, served: ServedModel, data: bytes, top_classes: int) -> PredictResponse:
         decoded = await self.decode(served, data)
-        fwd = await self.forward(served, decoded.tensor)
+        fwd = await served.forward(ModelInput(decoded.tensor))
         # The same classes, in the same order (ties to the lower index), as /explain's.
         top = top_indices(fwd.logits.numpy(), top_classes).tolist()
         probs = fwd.logits.softmax(0).tolist()

@@ -16,15 +16,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from common.threads import use_torch_threads
 from model_store import ModelStore
-from protopnet.threads import use_torch_threads
 from service.cache import ExplanationCache
 from service.errors import ErrorResponse, install_error_handlers
 from service.explanations import ExplanationService
 from service.images import configure_pillow
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, configure_logging
-from service.registry import ModelRegistry
+from service.registry import ModelRegistry, Runtime
 from service.routes import explain, explanations, health, kserve, models
 from service.settings import Settings
 
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Workers run torch single-threaded; only model threads use several (protopnet.threads).
+        # Workers run torch single-threaded; only model threads use several (common.threads).
         pool = ThreadPoolExecutor(
             settings.pool_threads,
             thread_name_prefix="work",
@@ -80,7 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retry_s=settings.redis_retry_s,
         )
         await cache.start()
-        registry = ModelRegistry(ModelStore(settings.store), settings, metrics, pool)
+        runtime = Runtime.from_settings(settings)  # device, layout, threads: once
+        registry = ModelRegistry(ModelStore(settings.store), settings, metrics, runtime)
         app.state.settings = settings
         app.state.metrics = metrics
         app.state.cache = cache
@@ -92,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             extra={
                 "store": str(settings.store),
                 "models": settings.startup_models(),
+                "device": str(runtime.device),
+                "torch_threads": runtime.torch_threads,
                 "worker_threads": settings.pool_threads,
                 "blas_threads": max(
                     (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),

@@ -1,8 +1,16 @@
 """Models served by this replica: loaded from the store, warmed up, one batcher each.
 
 References resolve through the store on every request (so a promoted alias takes effect
-at once); a resolved version is loaded on first use and kept, least recently used first
-out, up to ``max_loaded_models``.
+at once), off the event loop; a resolved version is loaded on first use and kept, least
+recently used first out, up to ``max_loaded_models``.
+
+How a request goes through a model:
+
+1. ``ServedModel.forward``: its ``ModelInput`` joins the model's batcher;
+2. the model thread runs ``ServedModel.run_batch``: the forward for the whole batch, and
+   on a GPU the explanations too, as batched torch ops on the device;
+3. back on the caller's side (the worker pool), ``ServedModel.explanation`` gives the
+   image's explanation: the one the GPU made, or on the CPU the numpy path's, per image.
 """
 
 from __future__ import annotations
@@ -13,58 +21,74 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
+import numpy as np
 import torch
 
+from common.devices import pick_device
+from common.threads import use_torch_threads
 from model_store import LoadedModel, ModelStore
-from protopnet.explain import PrototypeExplainer
-from protopnet.threads import DEFAULT_TORCH_THREADS, CoreBudget, use_torch_threads
+from model_store.manifest import Manifest
+from protopnet.config import Preprocessing
+from protopnet.explain import ImageExplanation, PrototypeExplainer
+from protopnet.model import ProtoPNet
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import Settings, usable_cores
 
 log = logging.getLogger("service.registry")
 
+MANIFESTS_KEPT = 32  # manifests of versions not loaded, for their pictures and details
 
-@dataclass
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how every model of this process runs, decided once at start-up."""
+
+    device: torch.device
+    memory_format: torch.memory_format
+    torch_threads: int  # intra-op threads of each model thread
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        """Also sets the process-wide cuDNN flag, once."""
+        device = pick_device(settings.device)
+        if device.type == "cuda":
+            # Convolutions only (the trunk, the add-on layers): matrix products, the
+            # prototype distances among them, keep PyTorch's true float32 default.
+            torch.backends.cudnn.allow_tf32 = settings.allow_tf32
+        # The plain rule: the cores shared by the models loaded at start-up. An operator
+        # serving several models at once sets PROTOPNET_TORCH_THREADS (a model thread's
+        # OpenMP team stays as long as it lives; teams beyond the cores throttle each
+        # other, see common/threads.py).
+        threads = settings.torch_threads or max(
+            1, usable_cores() // max(1, len(settings.startup_models()))
+        )
+        memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        return cls(device=device, memory_format=memory_format, torch_threads=threads)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One image's share of a batch: its preprocessed tensor and, for an explanation,
+    the options the explainer needs (None: a prediction only)."""
+
+    x: torch.Tensor  # (3, S, S)
+    image_size: tuple[int, int] | None = None  # (width, height), oriented original
+    top_classes: int = 3
+    top_prototypes: int = 10
+
+
+@dataclass(frozen=True)
 class ForwardResult:
-    """One image's share of a batched forward pass, on the CPU."""
+    """One image's share of a batched forward pass, on the CPU: its logits, and either
+    the explanation made on the device or what the CPU path makes it from."""
 
     logits: torch.Tensor  # (K,)
-    min_distances: torch.Tensor  # (P,)
-    sim_maps: torch.Tensor  # (P, H', W') similarity maps before pooling
-
-
-def pick_device(setting: str) -> torch.device:
-    """ "auto": CUDA when present, else CPU; otherwise the named device. A GPU is named
-    with its index ("cuda" -> "cuda:0"), as /readyz reports it."""
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
-    )
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-# A model whose batcher has been idle this long gives its cores to one that wants them.
-CORES_IDLE_S = 2.0
-
-
-def choose_torch_threads(one_s: float, many_s: float, many: int) -> int:
-    """Intra-op threads for a model thread, from its forward time with 1 and ``many``.
-
-    Threads spent on a forward are taken from everything else a request needs (decoding,
-    maps, JSON, other requests' work), so the model gets them only if they pay: the
-    forward must run at least 1 + (many - 1) / 2 times faster with them, i.e. each extra
-    core must give at least half a core's worth. A small model keeps one thread: on 2
-    cores the demo model's forward was 1.0-1.4x faster with 2 (2.2 or 1.6 ms against
-    2.3 ms in NCHW, 1.03 against 1.31 ms in channels-last), while VGG-19's is 1.8x faster.
-    """
-    return many if one_s >= many_s * (1 + (many - 1) / 2) else 1
+    explanation: ImageExplanation | None = None  # made on the GPU
+    min_distances: torch.Tensor | None = None  # (P,)
+    sim_maps: torch.Tensor | None = None  # (P, H', W') similarity maps before pooling
 
 
 def settle_heap() -> None:
@@ -81,229 +105,163 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+@torch.inference_mode()
+def forward_batch(
+    model: ProtoPNet, explainer: PrototypeExplainer, rt: Runtime, inputs: list[ModelInput]
+) -> list[ForwardResult]:
+    """B inputs -> B results: the forward, and on a GPU the explanations. Runs on the
+    model thread only."""
+    x = torch.stack([i.x for i in inputs])
+    x = x.to(rt.device, memory_format=rt.memory_format, non_blocking=True)
+    out = model.forward_full(x)
+    wanted = [b for b, i in enumerate(inputs) if i.image_size is not None]
+    if rt.device.type == "cpu" or not wanted:
+        # On the CPU the maps leave the model thread; the pool explains each image.
+        logits = out.logits.float().cpu()
+        if not wanted:
+            return [ForwardResult(logits[b]) for b in range(len(inputs))]
+        sims = model.similarity(out.distances).float().cpu()  # (B, P, H', W')
+        min_d = out.min_distances.float().cpu()
+        return [ForwardResult(logits[b], None, min_d[b], sims[b]) for b in range(len(inputs))]
+    logits = out.logits.float().to("cpu", non_blocking=True)  # synchronised below
+    rows = torch.tensor(wanted, device=rt.device)
+    exps = explainer.explain_maps(
+        model.similarity(out.distances[rows]),
+        out.logits[rows],
+        out.min_distances[rows],
+        [inputs[b].image_size for b in wanted],  # type: ignore[misc]
+        [inputs[b].top_classes for b in wanted],
+        [inputs[b].top_prototypes for b in wanted],
+    )
+    by_row = dict(zip(wanted, exps, strict=True))
+    return [ForwardResult(logits[b], by_row.get(b)) for b in range(len(inputs))]
+
+
+@dataclass(frozen=True)
 class ServedModel:
-    """A loaded version: the model on its device, its explainer and its batcher."""
+    """A loaded version, ready to serve: its model on the runtime's device, explainer,
+    batcher and metadata. Built once by ``load_served``; nothing in it changes after."""
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        settings: Settings,
-        metrics: Metrics,
-        pool: Executor | None,
-        cores: CoreBudget | None = None,
-        trials: asyncio.Lock | None = None,  # one thread trial at a time
-    ):
-        self.loaded = loaded
-        self.manifest = loaded.manifest
-        self.name, self.version = loaded.manifest.name, loaded.manifest.version
-        self.ref = f"{self.name}@{self.version}"
-        self.manifest_sha256 = loaded.manifest_sha256
-        self.device = pick_device(settings.device)
-        if self.device.type == "cuda":  # a process-wide flag, the same for every model
-            # Convolutions only (the trunk, the add-on layers): matrix products, the
-            # prototype distances among them, keep PyTorch's true float32 default.
-            torch.backends.cudnn.allow_tf32 = settings.allow_tf32
-        self.model = loaded.model.to(self.device).eval()
-        self.memory_format = (
-            torch.channels_last if settings.channels_last else torch.contiguous_format
-        )
-        self.model.to(memory_format=self.memory_format)
-        self.preprocessing = loaded.manifest.preprocessing
-        self.class_names = list(loaded.manifest.class_names)
-        self.prototype_classes: list[int] = self.model.prototype_classes.cpu().tolist()
-        self.explainer = PrototypeExplainer(
-            self.model, self.preprocessing, settings.max_map_side, frozen=True
-        )
-        # Per class, the indices of its own prototypes (the scoring sheets' rows).
-        self.prototypes_of_class = self.explainer.prototypes_of_class
-        # Only this model's thread runs torch with several threads (protopnet.threads).
-        # Unset on a CPU: it starts with one and warm-up times whether more pay
-        # (``choose_torch_threads``); it has them while no other model's team holds the
-        # cores (``cores``, shared by the registry's models; see ``_grow``).
-        self.cores = cores if cores is not None else CoreBudget()
-        self.trials = trials if trials is not None else asyncio.Lock()
-        self.auto_threads = settings.torch_threads is None and self.device.type == "cpu"
-        self.torch_threads = (
-            1 if self.auto_threads else settings.torch_threads or DEFAULT_TORCH_THREADS
-        )
-        self.wanted_threads = self.torch_threads
-        self._in_trial = False  # timing its threads at warm-up: its cores are not taken
-        self.batcher: MicroBatcher[ForwardResult] = MicroBatcher(
-            self.ref,
-            self._run_batch,
-            max_batch=settings.max_batch,
-            max_wait_s=settings.max_wait_ms / 1000,
-            max_queue=settings.max_queue,
-            on_batch=lambda n, dt: self._on_batch(metrics, n, dt),
-            on_wait=lambda s: metrics.queue_wait.labels(self.ref).observe(s),
-            thread_init=lambda: use_torch_threads(self.torch_threads),
-            pool=pool,
-            before_batch=self._grow if self.auto_threads else None,
-        )
-        self._metrics = metrics
+    manifest: Manifest
+    manifest_sha256: str
+    model: ProtoPNet
+    explainer: PrototypeExplainer
+    batcher: MicroBatcher[ModelInput, ForwardResult]
+    runtime: Runtime
+    metrics: Metrics
 
-    def _on_batch(self, metrics: Metrics, n: int, dt: float) -> None:
-        metrics.batch_size.labels(self.ref).observe(n)
-        metrics.forward.labels(self.ref).observe(dt)
-        metrics.queue_depth.labels(self.ref).set(self.batcher.depth)
+    @property
+    def name(self) -> str:
+        return self.manifest.name
 
-    def model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """A preprocessed batch (B, 3, S, S) on the model's device, in its layout."""
-        return x.to(self.device, memory_format=self.memory_format, non_blocking=True)
+    @property
+    def version(self) -> str:
+        return self.manifest.version
 
-    @torch.inference_mode()
-    def _run_batch(self, x: torch.Tensor) -> list[ForwardResult]:
-        """(B, 3, S, S) -> B results. Runs on the model's own thread only."""
-        out = self.model.forward_full(self.model_input(x))
-        # In the model's layout; the explainer makes each image's maps row-major, on the
-        # worker that finishes it when the batch holds several (not on this thread).
-        sims = self.model.similarity(out.distances).float().cpu()  # (B, P, H', W')
-        logits = out.logits.float().cpu()  # (B, K)
-        min_d = out.min_distances.float().cpu()  # (B, P)
-        return [ForwardResult(logits[b], min_d[b], sims[b]) for b in range(x.shape[0])]
+    @property
+    def ref(self) -> str:
+        return f"{self.manifest.name}@{self.manifest.version}"
 
-    async def forward(
-        self, x: torch.Tensor, then: Callable[[ForwardResult], Any] | None = None
-    ) -> Any:
-        """One preprocessed image (3, S, S) through the batcher: its ForwardResult, or
-        ``then`` of it (on the model thread when x was batched alone and nothing else
-        waits, else on the worker pool; see ``service.batcher``)."""
-        self._metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
-        return await self.batcher.submit(x, then)
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.manifest.preprocessing
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest.class_names
+
+    @property
+    def prototype_classes(self) -> list[int]:
+        return [p.class_index for p in self.manifest.prototypes]
+
+    @property
+    def prototypes_of_class(self) -> list[np.ndarray]:
+        """Per class, the indices of its own prototypes (the scoring sheets' rows)."""
+        return self.explainer.prototypes_of_class
+
+    def explanation(self, fwd: ForwardResult, request: ModelInput) -> ImageExplanation:
+        """The image's explanation: made on the device, or here from the maps (numpy)."""
+        if fwd.explanation is not None:
+            return fwd.explanation
+        assert fwd.sim_maps is not None and fwd.min_distances is not None
+        assert request.image_size is not None
+        return self.explainer.explain_maps(
+            fwd.sim_maps[None],
+            fwd.logits[None],
+            fwd.min_distances[None],
+            [request.image_size],
+            request.top_classes,
+            request.top_prototypes,
+        )[0]
+
+    async def forward(self, request: ModelInput) -> ForwardResult:
+        """One image through the batcher."""
+        self.metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
+        return await self.batcher.submit(request)
 
     async def warm_up(self, max_batch: int) -> float:
-        """Run batches of 1 and of the max size once, so the first request is not slow;
-        then pick the model thread's torch threads if the settings leave it open."""
+        """Run batches of 1, 2 and the max size with explanations once, so the first
+        request is not slow, then start taking requests."""
         t0 = time.perf_counter()
         S = self.preprocessing.img_size
-        if self.device.type == "cpu" and not self.auto_threads:
-            # A count the operator set is used as it is, and counted against the others.
-            self.cores.take(self, self.torch_threads, insist=True)
         for b in sorted({1, min(2, max_batch), max_batch}):
-            await self.batcher.run_now(torch.zeros(b, 3, S, S))
-        if self.auto_threads and DEFAULT_TORCH_THREADS > 1:
-            await self._pick_threads(torch.zeros(1, 3, S, S))
+            inputs = [ModelInput(torch.zeros(3, S, S), (S, S)) for _ in range(b)]
+            await self.batcher.on_thread(functools.partial(self.batcher.run_batch, inputs))
         self.batcher.start()
         return time.perf_counter() - t0
 
-    async def _pick_threads(self, x: torch.Tensor) -> None:
-        """Time a lone image's forward with one thread and with the spare cores,
-        alternately, and want the better use of them (``choose_torch_threads``); the
-        model thread then has them while no other model holds them (``_grow``).
-
-        The trial needs the cores to itself: next to another model's team the forwards
-        with several threads are throttled (a ResNet-50's went from 69 to 117 ms, which
-        would have chosen one thread). So it takes them from models not running a batch
-        at this moment; with all of them busy, the model runs on one thread untried.
-        The model thread runs with one thread throughout; the forwards with more run on
-        a scratch thread that ends afterwards, because an OpenMP team lives as long as
-        its thread and one left behind would throttle every other model's.
-        """
-        async with self.trials:  # two models loading at once: one trial, then the other
-            await self._pick_threads_alone(x)
-
-    async def _pick_threads_alone(self, x: torch.Tensor) -> None:
-        self._in_trial = True
-        try:
-            self._reclaim_cores(idle_s=0.0)
-            many = self.cores.take(self, DEFAULT_TORCH_THREADS)  # held during the trial
-            if many == 1:
-                log.info(
-                    "%s: other models are busy on the other cores: using 1 torch thread, "
-                    "untried", self.ref,
-                )  # fmt: skip
-                return
-            one, all_ = await self._trial(x, many)
-        finally:
-            self._in_trial = False
-            self.cores.give_back(self)
-        self.wanted_threads = choose_torch_threads(one, all_, many)
-        self._grow()
-        if self.torch_threads > 1:  # the team forms now, not on the first request
-            await self.batcher.run_now(x)
-        log.info(
-            "%s: forward of one image %.2f ms with 1 torch thread, %.2f ms with %d: using %d",
-            self.ref, one * 1e3, all_ * 1e3, many, self.torch_threads,
-        )  # fmt: skip
-
-    async def _trial(self, x: torch.Tensor, many: int) -> tuple[float, float]:
-        """Fastest forward with 1 thread (model thread) and ``many`` (scratch thread)."""
-        times: dict[int, list[float]] = {1: [], many: []}
-
-        def timed(n: int) -> None:
-            t = time.perf_counter()
-            self._run_batch(x)
-            times[n].append(time.perf_counter() - t)
-
-        loop = asyncio.get_running_loop()
-        # Small models get 7 rounds, a VGG-19 2 (4 forwards of each kind, about 2.5 s on
-        # 2 cores). With one round, a slow sample on a busy machine can give it 1 thread
-        # and a forward about twice as slow for as long as it stays loaded (once seen in
-        # bench.explain_latency: 465 ms in one phase, 223 ms in the other).
-        deadline = time.perf_counter() + 1.0
-        with ThreadPoolExecutor(1, "threads-trial", use_torch_threads, (many,)) as scratch:
-            for rnd in range(7):
-                for n in (1, many, 1, many):
-                    if n == 1:
-                        await self.batcher.on_thread(functools.partial(timed, 1))
-                    else:
-                        await loop.run_in_executor(scratch, timed, many)
-                if rnd >= 1 and time.perf_counter() > deadline:
-                    break
-        return min(times[1]), min(times[many])
-
-    def _use_threads(self, n: int) -> None:
-        """Move the model to a new thread with ``n`` torch threads (between batches)."""
-        self.torch_threads = n
-        self.batcher.use_thread(lambda: use_torch_threads(n))
-
-    def _grow(self) -> None:
-        """Before a batch (on the event loop): a model with fewer threads than warm-up
-        found worth having takes the spare cores, or those of a model idle for
-        ``CORES_IDLE_S``. A model that served within that time keeps its own, so two busy
-        models share the cores without throttling each other."""
-        if self.torch_threads >= self.wanted_threads:
-            return
-        if self.cores.free() < self.wanted_threads - self.torch_threads:
-            self._reclaim_cores(idle_s=CORES_IDLE_S)
-        n = self.cores.take(self, self.wanted_threads)
-        if n != self.torch_threads:
-            log.info("%s: now %d torch threads (wants %d)", self.ref, n, self.wanted_threads)
-            self._use_threads(n)
-
-    def _reclaim_cores(self, idle_s: float) -> None:
-        """Move other models that hold cores and ran no batch for ``idle_s`` to one thread."""
-        for other in list(self.cores.held):
-            if (
-                isinstance(other, ServedModel)
-                and other is not self
-                and other.auto_threads
-                and not other._in_trial
-                and other.batcher.idle_for() > idle_s
-            ):
-                log.info("%s: not busy, its cores go to %s", other.ref, self.ref)
-                self.cores.give_back(other)
-                other._use_threads(1)
-
     async def close(self, timeout_s: float) -> None:
-        await self.batcher.close(timeout_s)  # its thread, and so its team, has ended
-        self.cores.give_back(self)
+        await self.batcher.close(timeout_s)
+
+
+def load_served(
+    loaded: LoadedModel, runtime: Runtime, settings: Settings, metrics: Metrics
+) -> ServedModel:
+    """The model moved to the runtime's device and layout, with its explainer and batcher."""
+    model = loaded.model.to(runtime.device).eval()
+    model.to(memory_format=runtime.memory_format)
+    explainer = PrototypeExplainer(
+        model, loaded.manifest.preprocessing, settings.max_map_side, frozen=True
+    )
+    ref = loaded.ref
+
+    def on_batch(n: int, dt: float) -> None:
+        metrics.batch_size.labels(ref).observe(n)
+        metrics.forward.labels(ref).observe(dt)
+        metrics.queue_depth.labels(ref).set(batcher.depth)
+
+    batcher: MicroBatcher[ModelInput, ForwardResult] = MicroBatcher(
+        ref,
+        functools.partial(forward_batch, model, explainer, runtime),
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        on_batch=on_batch,
+        on_wait=lambda s: metrics.queue_wait.labels(ref).observe(s),
+        thread_init=lambda: use_torch_threads(runtime.torch_threads),
+    )
+    return ServedModel(
+        manifest=loaded.manifest,
+        manifest_sha256=loaded.manifest_sha256,
+        model=model,
+        explainer=explainer,
+        batcher=batcher,
+        runtime=runtime,
+        metrics=metrics,
+    )
 
 
 class ModelRegistry:
     """Resolves references through the store and keeps loaded versions."""
 
-    def __init__(
-        self,
-        store: ModelStore,
-        settings: Settings,
-        metrics: Metrics,
-        pool: Executor | None = None,  # the worker pool: post-forward steps of batches
-    ):
-        self.store, self.settings, self.metrics, self.pool = store, settings, metrics, pool
+    def __init__(self, store: ModelStore, settings: Settings, metrics: Metrics, runtime: Runtime):
+        self.store, self.settings, self.metrics, self.runtime = store, settings, metrics, runtime
         self._models: OrderedDict[str, ServedModel] = OrderedDict()
-        self.cores = CoreBudget()  # what the models' threads may spread over
-        self.trials = asyncio.Lock()
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # of versions not loaded
         self._locks: dict[str, asyncio.Lock] = {}
         self.ready = False
         self.error: str | None = None  # the start-up failures, one line
@@ -323,13 +281,31 @@ class ModelRegistry:
         """The served model for an exact version if this replica has it loaded."""
         return self._models.get(f"{name}@{version}")
 
-    def resolve(self, ref: str) -> tuple[str, str]:
-        """(name, version); raises UnknownNameError listing the valid names."""
-        return self.store.resolve(ref)
+    async def resolve(self, ref: str | None = None) -> tuple[str, str]:
+        """(name, version) of a reference (default: the settings' default model), read
+        from the store off the event loop; raises UnknownNameError listing the valid names."""
+        return await asyncio.to_thread(self.store.resolve, ref or self.settings.default_model)
+
+    async def manifest(self, ref: str) -> tuple[Manifest, str | None]:
+        """A version's manifest, and its SHA-256 when this replica has it loaded: from the
+        loaded model, else read from the store (checked against manifest.sha256) and kept
+        for the next request (versions never change once published)."""
+        name, version = await self.resolve(ref)
+        served = self.peek(name, version)
+        if served is not None:
+            return served.manifest, served.manifest_sha256
+        key = f"{name}@{version}"
+        manifest = self._manifests.get(key)
+        if manifest is None:
+            manifest = await asyncio.to_thread(self.store.manifest, key)
+            self._manifests[key] = manifest
+            while len(self._manifests) > MANIFESTS_KEPT:
+                self._manifests.popitem(last=False)
+        return manifest, None
 
     async def get(self, ref: str | None = None) -> ServedModel:
         """The served model for a reference (default: the settings' default model)."""
-        name, version = self.resolve(ref or self.settings.default_model)
+        name, version = await self.resolve(ref)
         key = f"{name}@{version}"
         served = self._models.get(key)
         if served is not None:
@@ -356,21 +332,18 @@ class ModelRegistry:
         t0 = time.perf_counter()
         loaded = await asyncio.to_thread(self.store.load, key)
         served = await asyncio.to_thread(
-            ServedModel, loaded, self.settings, self.metrics, self.pool, self.cores, self.trials
+            load_served, loaded, self.runtime, self.settings, self.metrics
         )
         try:
             warm = await served.warm_up(self.settings.max_batch)
         except BaseException:
-            await served.close(0.0)  # its thread ends and its cores go back
+            await served.close(0.0)
             raise
         self._models[key] = served
         log.info(
-            "loaded %s on %s in %.2f s (warm-up %.2f s)",
-            key,
-            served.device,
-            time.perf_counter() - t0,
-            warm,
-        )
+            "loaded %s on %s with %d torch threads in %.2f s (warm-up %.2f s)",
+            key, served.device, self.runtime.torch_threads, time.perf_counter() - t0, warm,
+        )  # fmt: skip
         while len(self._models) > self.settings.max_loaded_models:
             old_key, old = self._models.popitem(last=False)
             log.info(

@@ -41,10 +41,9 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(default=4, ge=1)  # least recently used ones are unloaded
     model_retry_s: float = Field(default=5.0, gt=0)  # start-up models missing: retry interval
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1" ...
-    # Intra-op threads of each model's thread. Unset on a CPU: one or all the cores, as
-    # timed at warm-up (service.registry.choose_torch_threads), and never more workers
-    # over all loaded models than spare cores (protopnet.threads.CoreBudget). The worker
-    # pool runs torch single-threaded, see protopnet/threads.py.
+    # Intra-op threads of each model's thread. Unset: the usable cores divided by the
+    # start-up models (service.registry.Runtime). Set it when serving several models at
+    # once. The worker pool runs torch single-threaded, see common/threads.py.
     torch_threads: int | None = Field(default=None, ge=1)
     # Convolutions in channels-last layout: oneDNN's fastest path on a CPU (VGG-19's
     # forward about 1.15x, the demo's about 1.2x faster: bench/memory_format.py) and

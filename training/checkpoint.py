@@ -18,51 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.atomic import atomic_write, atomic_write_with
 from protopnet.errors import ProtoPNetError
 
 FORMAT = 1
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
 class CheckpointError(ProtoPNetError):
     """A checkpoint that is missing, incomplete or does not match its JSON."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; run files are for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _sha256(path: Path) -> str:
@@ -128,24 +97,16 @@ def save_checkpoint(
         serial += 1
     tensors_name = f"{tag}-{serial:06d}.safetensors"
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{tensors_name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, folder / tensors_name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(
+        folder / tensors_name, lambda tmp: save_file(flat, tmp, metadata={"format": "pt"})
+    )
     record = {
         **meta,
         "format": FORMAT,
         "tensors_file": tensors_name,
         "tensors_sha256": _sha256(folder / tensors_name),
     }
-    atomic_write_text(json_path, json.dumps(record, indent=1, allow_nan=False))
+    atomic_write(json_path, json.dumps(record, indent=1, allow_nan=False))
     if previous and previous != tensors_name:
         (folder / previous).unlink(missing_ok=True)
     return json_path

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.devices import pick_device
 from protopnet.errors import ProtoPNetError
 
 
@@ -190,7 +191,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ck = read_checkpoint(args.run_dir, args.checkpoint)
     splits = build_splits(ck.config.data, ck.config.train.seed)
     images = getattr(splits, args.split)
-    device = engine.pick_device(ck.config.train.device)
+    device = pick_device(ck.config.train.device, "train.device")
     out = engine.evaluate(
         ck.model.to(device),
         eval_loader(images, ck.preprocessing, ck.config),
@@ -224,7 +225,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     ck = read_checkpoint(args.run_dir, args.checkpoint)
     cfg = ck.config
     splits = build_splits(cfg.data, cfg.train.seed)
-    device = engine.pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, "train.device")
     model = ck.model.to(device)
     result = push_prototypes(
         model,

@@ -21,15 +21,19 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from protopnet.dicom import DicomError, open_dicom
+from common.dicom import DicomError, open_dicom
+from common.image_files import (
+    IMAGE_SUFFIXES,
+    ImageFileError,
+    class_folders,
+    images_under,
+    is_dicom_path,
+    open_image_file,
+)
 from protopnet.errors import ProtoPNetError
 from training import synthetic
 from training.config import DataConfig
 
-DICOM_EXTENSIONS = (".dcm", ".dicom")
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", *DICOM_EXTENSIONS,
-)  # fmt: skip
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -152,11 +156,8 @@ class FileImages(ImageSet):
     def load(self, i: int) -> Image.Image:
         path = self.root / self.rel_paths[i]
         try:
-            img: Image.Image = (
-                open_dicom(path.read_bytes()).decode() if _is_dicom(path) else Image.open(path)
-            )
-            img.load()
-        except (OSError, ValueError, Image.DecompressionBombError, DicomError) as exc:
+            img = open_image_file(path)
+        except ImageFileError as exc:
             raise DatasetError(
                 f"cannot read image {str(path)!r}: {exc}; `python -m training check` lists "
                 "every such file"
@@ -174,10 +175,6 @@ class FileImages(ImageSet):
 
     def image_path(self, i: int) -> str | None:
         return self.rel_paths[i]
-
-
-def _is_dicom(path: Path) -> bool:
-    return path.suffix.lower() in DICOM_EXTENSIONS
 
 
 def file_path(images: ImageSet, i: int) -> Path | None:
@@ -204,7 +201,7 @@ def header_problems(images: ImageSet) -> list[tuple[str, str]]:
         if path is None:
             return []
         try:
-            if _is_dicom(path):
+            if is_dicom_path(path):
                 with path.open("rb") as f:
                     open_dicom(f)  # reads the header; the pixel data is deferred
             else:
@@ -224,7 +221,7 @@ def image_folder(root: Path, class_names: list[str] | None = None) -> FileImages
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {str(root)!r} does not exist")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = class_folders(root)
     if class_names is None:
         class_names = found
     unknown = [c for c in found if c not in class_names]
@@ -239,13 +236,12 @@ def image_folder(root: Path, class_names: list[str] | None = None) -> FileImages
         d = root / name
         if not d.is_dir():
             continue
-        for p in sorted(d.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                rel_paths.append(str(p.relative_to(root)))
-                labels.append(k)
+        for p in images_under(d):
+            rel_paths.append(str(p.relative_to(root)))
+            labels.append(k)
     if not rel_paths:
         raise DatasetError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}; expected "
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}; expected "
             "one sub-folder per class"
         )
     return FileImages(root, rel_paths, labels, class_names)

@@ -28,24 +28,13 @@ from tqdm import tqdm
 from protopnet.errors import ProtoPNetError
 from protopnet.losses import average_separation_cost, cluster_cost, last_layer_l1, separation_cost
 from protopnet.model import ProtoPNet
-from training.config import ConfigError, LearningRates, LossCoefficients
+from training.config import LearningRates, LossCoefficients
 
 Stage = Literal["warm", "joint", "last"]
 
 
 class DivergedError(ProtoPNetError):
     """The training loss became NaN or infinite."""
-
-
-def pick_device(choice: str = "auto") -> torch.device:
-    """CUDA when present (or asked for), else the CPU."""
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "train.device is 'cuda' but no CUDA device is available; valid here: auto, cpu"
-            )
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def set_stage(model: ProtoPNet, stage: Stage) -> None:

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from common.devices import pick_device
 from protopnet.ensemble import ProtoPNetEnsemble
 from protopnet.errors import ProtoPNetError
 from protopnet.preprocess import eval_transform
-from training import engine
 from training.data import ImageSet, build_splits
 from training.run import LoadedCheckpoint, read_checkpoint
 
@@ -51,7 +51,7 @@ def evaluate_ensemble(
             )
     cfg = loaded[0].config
     images = getattr(build_splits(cfg.data, cfg.train.seed), split)
-    device = engine.pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, "train.device")
     ensemble = ProtoPNetEnsemble([ck.model.to(device).eval() for ck in loaded])
     loader = DataLoader(
         _PerMember(images, [eval_transform(ck.preprocessing) for ck in loaded]),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.devices import pick_device
 from model_store import Manifest, ModelStore
 from protopnet.errors import ProtoPNetError
 from training import engine
@@ -50,7 +51,7 @@ def export_run(
     )
     metrics = _metrics(run_dir, tag, ck.meta)
     if metrics.get("test_per_class") is None:  # not measured by the run: measure it now
-        device = engine.pick_device(cfg.train.device)
+        device = pick_device(cfg.train.device, "train.device")
         evaluated = engine.evaluate(
             ck.model.to(device),
             eval_loader(splits.test, ck.preprocessing, cfg),

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import atomic_write_bytes
+from common.atomic import atomic_write
 
 LOSS_TERMS = ("ce", "cluster", "separation", "avg_separation", "l1")
 
@@ -50,4 +50,4 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())

@@ -26,15 +26,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from common.threads import use_torch_threads
 from model_store import PrototypeRecord, PrototypeVisuals
 from protopnet.config import Preprocessing
 from protopnet.errors import ProtoPNetError
-from protopnet.explain import percentile_boxes, place_maps
+from protopnet.explain import source_boxes
 from protopnet.model import ProtoPNet, patch_columns
 from protopnet.preprocess import eval_transform, to_model_mode
 from protopnet.push import NearestPatches, NearestPatchSearch
-from protopnet.threads import use_torch_threads
-from protopnet.visualize import crop, draw_boxes, overlay
 from training.data import ImageSet, TransformedImages
 
 
@@ -286,19 +285,6 @@ def source_rgb(images: ImageSet, i: int, prep: Preprocessing) -> np.ndarray:
     return np.asarray(to_model_mode(images.load(i), prep), dtype=np.uint8)
 
 
-def boxes_on_source(
-    maps: torch.Tensor, size: tuple[int, int], prep: Preprocessing
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upsample (J, H', W') maps onto a (width, height) source image, bicubically and
-    following the preprocessing's resize; returns the (J, H, W) maps and their
-    95th-percentile boxes (J, 4) in source pixels (x0, y0, x1, y1, end exclusive)."""
-    canvas, (vx0, vy0, vx1, vy1) = place_maps(maps, size, size, prep)  # (J, H, W)
-    boxes = percentile_boxes(canvas[:, vy0:vy1, vx0:vx1])
-    boxes[:, [0, 2]] += vx0
-    boxes[:, [1, 3]] += vy0
-    return canvas, boxes
-
-
 def _draw_source(
     images: ImageSet,
     i: int,
@@ -310,18 +296,12 @@ def _draw_source(
     """Boxes (and pictures) of prototypes ``js`` on their common source image ``i``."""
     rgb = source_rgb(images, i, prep)
     H, W = rgb.shape[:2]
-    canvas, boxes = boxes_on_source(maps[js], (W, H), prep)  # (J, H, W), (J, 4)
+    canvas, boxes = source_boxes(maps[js], (W, H), prep)  # (J, H, W), (J, 4)
     box_list = [(int(b[0]), int(b[1]), int(b[2]), int(b[3])) for b in boxes.tolist()]
     pictures = []
     if visualize:
         for n, box in enumerate(box_list):
-            pictures.append(
-                PrototypeVisuals(
-                    patch=crop(rgb, box),
-                    source=draw_boxes(rgb, [box]),
-                    activation=overlay(rgb, canvas[n].numpy()),
-                )
-            )
+            pictures.append(PrototypeVisuals.draw(rgb, box, canvas[n].cpu().numpy()))
     return (W, H), box_list, pictures
 
 
@@ -336,7 +316,7 @@ def _draw_all(
     images are drawn on a few threads (OpenCV and torch release the GIL)."""
     workers = max(1, min(4, os.cpu_count() or 1, len(by_image)))
     items = list(by_image.items())
-    # Single-threaded torch on the drawing threads (protopnet.threads).
+    # Single-threaded torch on the drawing threads (common.threads).
     with ThreadPoolExecutor(workers, initializer=use_torch_threads, initargs=(1,)) as pool:
         drawn = list(
             pool.map(

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from common.atomic import atomic_write
+from common.devices import pick_device
 from model_store import PrototypeRecord
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.errors import ProtoPNetError
@@ -37,7 +39,6 @@ from protopnet.model import ProtoPNet, create_model
 from protopnet.preprocess import eval_transform
 from training import engine
 from training.checkpoint import (
-    atomic_write_text,
     flatten_optimizer,
     has_checkpoint,
     load_checkpoint,
@@ -189,7 +190,7 @@ class Trainer:
         self.class_names = self.splits.class_names
         self.arch = cfg.model.architecture(len(self.class_names))
         self.prep = cfg.model.preprocessing()
-        self.device = engine.pick_device(t.device)
+        self.device = pick_device(t.device, "train.device")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = ddp_cuda_device(self.dist.local_rank, torch.cuda.device_count())
         self.channels_last = t.channels_last
@@ -242,7 +243,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(self.ckpt_dir)
-            atomic_write_text(cfg_path, dump_config(self.cfg))
+            atomic_write(cfg_path, dump_config(self.cfg))
 
     def save_last(self) -> None:
         tensors: dict[str, torch.Tensor] = {}
@@ -292,7 +293,7 @@ class Trainer:
         """metrics.jsonl after every unit; the curves PNG after each push cycle and at
         most every 30 s otherwise (drawing costs a fraction of a second)."""
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
-        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        atomic_write(self.run_dir / "metrics.jsonl", lines)
         if plot:
             plot_curves(self.history, self.run_dir / "curves.png")
             self._last_plot = time.monotonic()
@@ -510,7 +511,7 @@ class Trainer:
             pruned = prune_checkpoint(self.run_dir, "best", "pruned", self.splits, self.progress)
             summary["pruned"] = pruned
         summary["seconds"] = sum(h["seconds"] for h in self.history)
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
     def measure_test(self, model: ProtoPNet) -> dict[str, Any]:
@@ -567,7 +568,7 @@ def prune_checkpoint(
     k = cfg.prune.k if k is None else k
     tau = cfg.prune.tau if tau is None else tau
     splits = splits or build_splits(cfg.data, cfg.train.seed)
-    device = engine.pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, "train.device")
     model = ck.model.to(device)
     before = model.num_prototypes
     result = prune(

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
 from protopnet.errors import ProtoPNetError
-from service.deps import ApiKey, ExplanationsDep, PrototypePath, RegistryDep, SettingsDep
+from service.deps import (
+    ApiKey,
+    ExplanationsDep,
+    PrototypePath,
+    RegistryDep,
+    SettingsDep,
+    root_of,
+)
 from service.errors import NotFoundError
 from service.explanations import ID_LENGTH, is_explanation_id
 from service.render import png_size
@@ -39,6 +47,7 @@ def _png(data: bytes, settings_ttl: int) -> Response:
 @router.get("/{eid}", response_model=ExplainResponse)
 async def get_explanation(
     eid: IdPath,
+    request: Request,
     svc: ExplanationsDep,
     heatmaps: Annotated[
         HeatmapMode, Query(description="url (default): links; inline: base64 PNGs; none")
@@ -46,7 +55,7 @@ async def get_explanation(
 ) -> Response:
     """The JSON that POST /explain returned, from any replica (shared cache)."""
     data = await svc.stored_json(_check_id(eid))
-    body = await svc.present(data, heatmaps)
+    body = await svc.present(data, heatmaps, root_of(request))
     return Response(body, media_type="application/json")
 
 
@@ -102,9 +111,9 @@ async def get_report(
     resp = ExplainResponse.model_validate_json(data)
     rd, image = await svc.render_data(eid)
     try:
-        served = await registry.get(f"{resp.model.name}@{resp.model.version}")
-        read = served.loaded.prototype_image_bytes  # runs in the report's own pool job
-        metrics = served.manifest.metrics
+        m, _ = await registry.manifest(f"{resp.model.name}@{resp.model.version}")
+        read = functools.partial(registry.store.prototype_image_bytes, m)  # in the pool job
+        metrics = m.metrics
     except ProtoPNetError:  # the version left the store: the report renders without them
         read, metrics = None, None
     html = await svc.run(render_report, resp, rd, image, read, settings.report_rows, metrics)

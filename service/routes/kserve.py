@@ -17,12 +17,12 @@ from pydantic import ValidationError
 
 from service.deps import (
     ApiKey,
+    ExplainOptions,
     ExplanationsDep,
     ModelPath,
+    PredictOptions,
     RegistryDep,
     SettingsDep,
-    read_body,
-    read_upload,
     resolve_options,
     root_of,
 )
@@ -33,6 +33,7 @@ from service.schemas import (
     KServeRequest,
 )
 from service.settings import Settings
+from service.uploads import read_body, read_upload
 
 router = APIRouter(prefix="/v1/models", tags=["kserve"], dependencies=[ApiKey])
 
@@ -135,7 +136,7 @@ async def kserve_predict(
 ) -> KServePredictResponse:
     """KServe v1 predict: {"predictions": [...]}, one per instance."""
     images, params = await _instances(request, settings)
-    opts = resolve_options(settings, {**params, "model": name})
+    opts = resolve_options(settings, PredictOptions, ("parameters", {**params, "model": name}))
     served = await registry.get(opts.model)
     preds = await _gather([svc.predict(served, d, opts.top_classes) for d in images])
     return KServePredictResponse(
@@ -153,13 +154,13 @@ async def kserve_explain(
 ) -> Response:
     """KServe v1 explain: {"explanations": [...]}, each what POST /explain returns."""
     images, params = await _instances(request, settings)
-    opts = resolve_options(settings, {**params, "model": name})
+    opts = resolve_options(settings, ExplainOptions, ("parameters", {**params, "model": name}))
     served = await registry.get(opts.model)
-    root = root_of(request)
     done = await _gather(
-        [svc.explain(served, d, opts.top_classes, opts.top_prototypes, root) for d in images]
+        [svc.explain(served, d, opts.top_classes, opts.top_prototypes) for d in images]
     )
-    bodies = await asyncio.gather(*(svc.present(data, opts.heatmaps) for data, _ in done))
+    root = root_of(request)
+    bodies = await asyncio.gather(*(svc.present(data, opts.heatmaps, root) for data, _ in done))
     # Each body is already an ExplainResponse's JSON: embed it as is, not parsed again.
     out = {
         "model_name": served.name,

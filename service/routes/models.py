@@ -8,7 +8,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from model_store.manifest import Manifest
 from service.deps import ApiKey, ModelPath, PrototypePath, RegistryDep, SettingsDep, root_of
 from service.errors import NotFoundError
 from service.schemas import (
@@ -46,19 +45,11 @@ async def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList
     )
 
 
-async def _manifest(registry: RegistryDep, ref: str) -> tuple[Manifest, str | None]:
-    name, version = await asyncio.to_thread(registry.resolve, ref)
-    served = registry.peek(name, version)
-    if served is not None:
-        return served.manifest, served.manifest_sha256
-    return await asyncio.to_thread(registry.store.manifest, f"{name}@{version}"), None
-
-
 @router.get("/{name}", response_model=ModelDetail)
 async def get_model(name: ModelPath, registry: RegistryDep) -> ModelDetail:
     """One version (``name`` = name, name@version or name@alias): classes, prototypes,
     trunk, accuracy."""
-    m, sha = await _manifest(registry, name)
+    m, sha = await registry.manifest(name)
     aliases = await asyncio.to_thread(registry.store.aliases, m.name)
     arch = m.architecture
     counts = Counter(m.class_names[p.class_index] for p in m.prototypes)
@@ -91,7 +82,7 @@ async def list_prototypes(
     name: ModelPath, registry: RegistryDep, request: Request
 ) -> PrototypeList:
     """Every prototype: its class, where it came from, links to its pictures."""
-    m, _ = await _manifest(registry, name)
+    m, _ = await registry.manifest(name)
     base = f"{root_of(request)}/models/{m.name}@{m.version}/prototypes"
     out = []
     for p in m.prototypes:
@@ -132,11 +123,12 @@ async def prototype_image(
     settings: SettingsDep,
     kind: Annotated[ImageKind, Query(description="patch, source or activation")] = "patch",
 ) -> Response:
-    """Prototype j's picture from its training image, as published in the store."""
-    served = await registry.get(name)
-    data = await asyncio.to_thread(served.loaded.prototype_image_bytes, j, kind)
+    """Prototype j's picture from its training image, as published in the store (read
+    from there: no model is loaded for it)."""
+    m, _ = await registry.manifest(name)
+    data = await asyncio.to_thread(registry.store.prototype_image_bytes, m, j, kind)
     if data is None:
-        raise NotFoundError(f"model {served.ref} has no {kind} image for prototype {j}")
+        raise NotFoundError(f"model {m.name}@{m.version} has no {kind} image for prototype {j}")
     return Response(
         data,
         media_type="image/png",

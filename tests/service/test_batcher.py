@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ class FakeModel:
         self.sizes: list[int] = []
         self.threads: set[str] = set()
 
-    def __call__(self, x: torch.Tensor) -> list[float]:
+    def __call__(self, xs: list[torch.Tensor]) -> list[float]:
+        x = torch.stack(xs)
         self.sizes.append(x.shape[0])
         self.threads.add(threading.current_thread().name)
         time.sleep(self.delay)
@@ -158,105 +158,27 @@ def test_batch_sizes_never_exceed_max(max_batch: int) -> None:
     assert max(model.sizes) <= max_batch and sum(model.sizes) == 10
 
 
-def test_then_runs_on_the_model_thread_for_a_lone_request_and_on_the_pool_for_a_batch() -> None:
+def test_the_model_thread_runs_batches_and_nothing_else() -> None:
+    """Whatever a request does after its forward happens where it awaited its result,
+    never on the model thread: the next batch does not wait for it. Decided by design,
+    not by how long the queue looks."""
     model = FakeModel(delay=0.02)
-    pool = ThreadPoolExecutor(2, thread_name_prefix="work")
+    on_model_thread: list[bool] = []
 
-    def then(r: float) -> tuple[float, str]:
-        return r + 1, threading.current_thread().name
+    async def one(b: MicroBatcher, v: float) -> float:
+        r = await b.submit(torch.full((3,), v))
+        on_model_thread.append(threading.current_thread().name.startswith("model-"))
+        return r
 
-    async def main() -> tuple[tuple[float, str], list[tuple[float, str]]]:
-        b = MicroBatcher("m", model, max_batch=8, max_wait_s=0.05, max_queue=64, pool=pool)
-        alone = await b.submit(torch.full((3,), 5.0), then)
-        together = await asyncio.gather(
-            *(b.submit(torch.full((3,), float(i)), then) for i in range(4))
-        )
+    async def main() -> tuple[float, list[float]]:
+        b = MicroBatcher("m", model, max_batch=8, max_wait_s=0.05, max_queue=64)
+        alone = await one(b, 5.0)
+        together = await asyncio.gather(*(one(b, float(i)) for i in range(4)))
         await b.close()
         return alone, together
 
     alone, together = run(main())
-    pool.shutdown()
-    assert alone[0] == 11.0 and alone[1].startswith("model-m")  # no hand-off to a worker
-    assert [v for v, _ in together] == [2.0 * i + 1 for i in range(4)]
-    assert model.sizes[1:] == [4]  # the four shared one forward ...
-    assert all(name.startswith("work") for _, name in together)  # ... and finished on workers
-
-
-def test_a_failing_then_fails_only_its_own_request() -> None:
-    model = FakeModel()
-
-    def then(r: float) -> float:
-        if r == 14.0:
-            raise ValueError("bad options for this image")
-        return r
-
-    async def main() -> tuple[list[object], float]:
-        b = MicroBatcher("m", model, max_batch=1, max_wait_s=0, max_queue=8)
-        out = await asyncio.gather(
-            b.submit(torch.full((3,), 7.0), then),
-            b.submit(torch.full((3,), 1.0), then),
-            return_exceptions=True,
-        )
-        after = await b.submit(torch.full((3,), 3.0), then)  # the model thread lives on
-        await b.close()
-        return out, after
-
-    out, after = run(main())
-    assert isinstance(out[0], ValueError) and "bad options" in str(out[0])
-    assert out[1] == 2.0 and after == 6.0
-
-
-def test_then_leaves_the_model_thread_when_others_wait() -> None:
-    model = FakeModel(delay=0.05)
-    pool = ThreadPoolExecutor(2, thread_name_prefix="work")
-
-    def then(r: float) -> str:
-        return threading.current_thread().name
-
-    async def main() -> list[str]:
-        b = MicroBatcher("m", model, max_batch=1, max_wait_s=0, max_queue=8, pool=pool)
-        first = asyncio.create_task(b.submit(torch.ones(3), then))
-        await asyncio.sleep(0.01)  # the first is in its forward ...
-        second = asyncio.create_task(b.submit(torch.ones(3), then))  # ... and this waits
-        out = [await first, await second]
-        await b.close()
-        return out
-
-    first, second = run(main())
-    pool.shutdown()
-    assert first.startswith("work")  # someone was queued: the model thread moved on
-    assert second.startswith("model-m")  # the last one, with nothing queued, stayed
-
-
-def test_a_new_model_thread_takes_the_next_batches_and_the_old_one_ends() -> None:
-    """``use_thread`` (a model's torch threads changed): later batches run on a new
-    thread set up by its initializer, ``before_batch`` runs before each batch, and the old
-    thread is gone once idle, so nothing it held (an OpenMP team) outlives it."""
-    model, calls = FakeModel(), []
-    setup = threading.local()
-
-    def before() -> None:
-        calls.append(len(model.sizes))
-        if len(calls) == 2:
-            raise RuntimeError("a failing hook must not lose the batch")
-
-    async def main() -> tuple[list[float], threading.Thread, threading.Thread, bool, str]:
-        b = MicroBatcher("m", model, 8, 0.0, 8, thread_init=lambda: None, before_batch=before)
-        first = await b.submit(torch.ones(3))
-        old = await b.on_thread(threading.current_thread)
-        b.use_thread(lambda: setattr(setup, "tag", "second"))
-        second = await b.submit(torch.full((3,), 2.0))
-        new = await b.on_thread(threading.current_thread)
-        tag = await b.on_thread(lambda: getattr(setup, "tag", ""))
-        for _ in range(100):
-            if not old.is_alive():
-                break
-            await asyncio.sleep(0.01)
-        third = await b.submit(torch.full((3,), 3.0))
-        await b.close()
-        return [first, second, third], old, new, old.is_alive(), tag
-
-    out, old, new, old_alive, tag = run(main())
-    assert out == [2.0, 4.0, 6.0] and calls == [0, 1, 2]
-    assert old is not new and new.name.startswith("model-m") and tag == "second"
-    assert not old_alive
+    assert alone == 10.0 and together == [2.0 * i for i in range(4)]
+    assert model.sizes == [1, 4]
+    assert not any(on_model_thread)
+    assert len(model.threads) == 1

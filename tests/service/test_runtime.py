@@ -1,5 +1,5 @@
 """The process around the model: which threads run torch with several threads
-(protopnet/threads.py: a second OpenMP team throttles both, which made small forwards 3x
+(common/threads.py: a second OpenMP team throttles both, which made small forwards 3x
 slower), and the heap kept out of the garbage collector's full passes (a 210 ms pause
 stalled every request in flight)."""
 
@@ -25,9 +25,7 @@ from PIL import Image
 
 import service.registry as registry_module
 from model_store import ModelStore
-from protopnet.threads import DEFAULT_TORCH_THREADS, CoreBudget
 from service.main import create_app
-from service.registry import choose_torch_threads
 from service.settings import Settings
 from tests.service.store_builder import build_photo_model
 
@@ -58,7 +56,7 @@ def test_model_thread_uses_torch_threads_and_workers_one(store_root: Path) -> No
         async with app.router.lifespan_context(app):
             served = await app.state.registry.get("photo")
             svc = app.state.explanations
-            body, hit = await svc.explain(served, buf.getvalue(), 3, 10, "")
+            body, hit = await svc.explain(served, buf.getvalue(), 3, 10)
             loop = counts()
             assert loop[1] == 1, f"the event loop's thread runs torch with {loop[1]} threads"
             model = await served.batcher.on_thread(counts)
@@ -73,36 +71,25 @@ def test_model_thread_uses_torch_threads_and_workers_one(store_root: Path) -> No
     assert torch.get_num_threads() == before  # the test's own thread is untouched
 
 
-def test_torch_threads_go_to_a_model_only_where_they_pay() -> None:
-    # 2 cores: the second must give at least half a core's worth (1.5x faster).
-    assert choose_torch_threads(2.3e-3, 2.2e-3, 2) == 1  # the demo model: no faster
-    assert choose_torch_threads(2.34e-3, 1.62e-3, 2) == 1  # the demo model, another start
-    assert choose_torch_threads(1.77e-3, 1.31e-3, 2) == 1  # the demo model, channels-last
-    assert choose_torch_threads(0.40, 0.22, 2) == 2  # VGG-19: 1.8x faster
-    assert choose_torch_threads(0.40, 0.29, 2) == 1  # 1.4x
-    assert choose_torch_threads(1.0, 0.3, 4) == 4 and choose_torch_threads(1.0, 0.5, 4) == 1
-
-
-def test_unset_torch_threads_are_timed_and_used_on_the_model_thread(
-    store_root: Path, capsys
+def test_unset_torch_threads_share_the_cores_among_the_start_up_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without PROTOPNET_TORCH_THREADS a CPU model's thread gets what warm-up chose, and
-    the log says why; an explicit setting is used as it is (the test above)."""
-    settings = in_process(store_root, "photo", log_level="info")
+    """Without PROTOPNET_TORCH_THREADS each model thread gets the cores divided by the
+    models loaded at start-up (the plain rule), and the log line says how many."""
+    store = ModelStore(tmp_path / "store")
+    build_photo_model(store, name="first", seed=1)
+    build_photo_model(store, name="second", seed=2)
+    monkeypatch.setattr(registry_module, "usable_cores", lambda: 6)
 
-    async def main() -> tuple[int, int]:
-        app = create_app(settings)
+    async def main(models: list[str]) -> list[int]:
+        app = create_app(in_process(store.root, "first", models=models))
         async with app.router.lifespan_context(app):
-            served = await app.state.registry.get("photo")
-            n = await served.batcher.on_thread(torch.get_num_threads)
-            return served.torch_threads, n
+            reg = app.state.registry
+            served = [await reg.get(m) for m in models]
+            return [await m.batcher.on_thread(torch.get_num_threads) for m in served]
 
-    chosen, used = asyncio.run(main())
-    assert chosen == used
-    if DEFAULT_TORCH_THREADS > 1:
-        log = capsys.readouterr()
-        assert chosen in (1, DEFAULT_TORCH_THREADS)
-        assert f"with {DEFAULT_TORCH_THREADS}: using {chosen}" in log.out + log.err
+    assert asyncio.run(main(["first"])) == [6]
+    assert asyncio.run(main(["first", "second"])) == [3, 3]
 
 
 def test_loaded_models_are_frozen_and_an_unloaded_one_is_freed(tmp_path: Path) -> None:
@@ -143,108 +130,35 @@ def test_importing_the_service_shortens_openmp_spinning_unless_set() -> None:
     assert out.stdout.strip() == "300000", out.stderr
 
 
-def test_model_threads_share_the_spare_cores() -> None:
-    cores = CoreBudget(4)  # 3 workers beyond the model threads' own cores
-    a, b, c = object(), object(), object()
-    assert cores.take(a, 4) == 4 and cores.free() == 0
-    assert cores.take(b, 4) == 1  # nothing left: one thread, no team
-    cores.give_back(a)
-    assert cores.take(b, 2) == 2 and cores.free() == 2
-    assert cores.take(b, 4) == 4  # b's own 2 count as free when it asks again
-    assert cores.take(c, 3, insist=True) == 3 and cores.free() == 0  # the operator's count
-    cores.give_back(b)
-    cores.give_back(c)
-    assert cores.free() == 3 and cores.held == {}
-
-
-def openmp_workers() -> int:
-    """Threads of this process that Python did not start (libgomp's team workers)."""
-    return len(os.listdir("/proc/self/task")) - threading.active_count()
-
-
-@pytest.mark.skipif(DEFAULT_TORCH_THREADS < 2, reason="needs 2 cores to share")
-def test_two_models_never_hold_more_workers_than_cores_and_an_idle_one_gives_them_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Both models want every core (as a VGG-19 does). The second one loaded takes them
-    for its trial from the first, which is not busy; the first, served meanwhile, runs on
-    one thread with no team while the second served recently, and gets them back once
-    the second has been idle. At no point do the teams' workers outnumber the spare
-    cores (which throttled both)."""
-    store = ModelStore(tmp_path / "store")
-    build_photo_model(store, name="first", seed=1)
-    build_photo_model(store, name="second", seed=2)
-    build_photo_model(store, name="small", seed=3)
-    monkeypatch.setattr(registry_module, "CORES_IDLE_S", 60.0)
-    spare = DEFAULT_TORCH_THREADS - 1
-    before = openmp_workers()
-
-    async def state(models: list[Any]) -> dict[str, Any]:
-        for _ in range(200):  # an ended thread's team goes away shortly after it
-            if openmp_workers() - before <= spare:
-                break
-            await asyncio.sleep(0.02)
-        used = [await m.batcher.on_thread(torch.get_num_threads) for m in models]
-        return {
-            "threads": [m.torch_threads for m in models],
-            "used": used,
-            "workers": openmp_workers() - before,
-        }
-
-    async def main() -> list[dict[str, Any]]:
-        # One that keeps one thread after its trial with all cores leaves no team.
-        monkeypatch.setattr(registry_module, "choose_torch_threads", lambda *_: 1)
-        app = create_app(in_process(store.root, "small"))
-        async with app.router.lifespan_context(app):
-            reg = app.state.registry
-            while not reg.ready:
-                await asyncio.sleep(0.01)
-            small = await reg.get("small")
-            seen = [await state([small])]
-            monkeypatch.setattr(registry_module, "choose_torch_threads", lambda *a: a[2])
-            first = await reg.get("first")
-            seen.append(await state([first]))
-            second = await reg.get("second")
-            seen.append(await state([first, second]))
-            await first.forward(torch.zeros(3, 64, 64))  # second warmed up just now: keeps them
-            seen.append(await state([first, second]))
-            monkeypatch.setattr(registry_module, "CORES_IDLE_S", 0.2)
-            await asyncio.sleep(0.3)
-            await first.forward(torch.zeros(3, 64, 64))  # second idle: first takes them
-            seen.append(await state([first, second]))
-            return seen
-
-    seen = asyncio.run(main())
-    n = DEFAULT_TORCH_THREADS
-    assert seen[0]["threads"] == seen[0]["used"] == [1] and seen[0]["workers"] == 0
-    assert seen[1]["threads"] == seen[1]["used"] == [n]
-    assert seen[2]["threads"] == seen[2]["used"] == [1, n]
-    assert seen[3]["threads"] == seen[3]["used"] == [1, n]
-    assert seen[4]["threads"] == seen[4]["used"] == [n, 1]
-    assert all(s["workers"] <= spare for s in seen), seen
-
-
-def test_a_model_that_fails_its_warm_up_gives_its_cores_back(
+def test_a_model_that_fails_its_warm_up_is_not_served_and_its_thread_ends(
     store_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: Any, x: torch.Tensor) -> list:
+    def broken(*args: Any) -> list:
         raise RuntimeError("out of memory in warm-up")
 
-    monkeypatch.setattr(registry_module.ServedModel, "_run_batch", broken)
+    monkeypatch.setattr(registry_module, "forward_batch", broken)
+    before = {t.name for t in threading.enumerate()}
 
-    async def main() -> tuple[str, int, dict]:
-        app = create_app(in_process(store_root, "photo", torch_threads=2))
+    async def main() -> tuple[str, list[str], str]:
+        app = create_app(in_process(store_root, "photo", model_retry_s=0.001))
         async with app.router.lifespan_context(app):
             reg = app.state.registry
             try:
                 await reg.get("photo")
             except RuntimeError as e:
-                return str(e), reg.cores.free(), dict(reg.cores.held)
-            raise AssertionError("warm-up did not fail")
+                first = str(e)
+            else:
+                raise AssertionError("warm-up did not fail")
+            monkeypatch.undo()  # mended: the next request after model_retry_s loads it
+            await asyncio.sleep(0.05)
+            served = await reg.get("photo")
+            return first, reg.loaded_refs, served.ref
 
-    error, free, held = asyncio.run(main())
+    error, loaded, ref = asyncio.run(main())
     assert error == "out of memory in warm-up"
-    assert held == {} and free == max(0, DEFAULT_TORCH_THREADS - 1)
+    assert loaded == [ref] == ["photo@1"]
+    left = {t.name for t in threading.enumerate()} - before
+    assert not any(n.startswith("model-") for n in left), left
 
 
 def test_the_model_runs_channels_last_and_explains_as_in_its_saved_layout(
@@ -262,7 +176,7 @@ def test_the_model_runs_channels_last_and_explains_as_in_its_saved_layout(
         async with app.router.lifespan_context(app):
             served = await app.state.registry.get("photo")
             conv = next(m for m in served.model.modules() if isinstance(m, torch.nn.Conv2d))
-            body, _ = await app.state.explanations.explain(served, buf.getvalue(), 3, 10, "")
+            body, _ = await app.state.explanations.explain(served, buf.getvalue(), 3, 10)
             return (
                 conv.weight.is_contiguous(memory_format=torch.channels_last),
                 conv.weight.is_contiguous(),

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.threads import on_scratch_thread
 from model_store import ModelStore, PrototypeRecord
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.errors import ProtoPNetError
 from protopnet.model import create_model
-from protopnet.threads import on_scratch_thread
 
 if TYPE_CHECKING:
     from service.explanations import ExplanationService
