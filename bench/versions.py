@@ -41,12 +41,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a PROTOPNET_ setting for this checkout's server only (e.g. torch_threads=1)",
+    )  # fmt: skip
+    ap.add_argument("--out", default="versions", help="result name: bench/results/<out>.json")
     args = ap.parse_args(argv)
+    this_settings = dict(kv.split("=", 1) for kv in args.set)
     clients = [int(c) for c in args.clients.split(",")]
     trees = {"this": REPO, "baseline": args.baseline.resolve()}
     out: dict[str, Any] = {
         "device": device_name(),
         "commits": {k: _commit(t) for k, t in trees.items()},
+        "this_settings": this_settings,
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-versions-") as d:
@@ -60,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     server = launch_server(
                         tmp, source.store, cwd=tree, env_extra={"PYTHONPATH": str(tree)},
                         default_model=source.ref, models=source.ref, log_level="warning",
-                        worker_threads=None, torch_threads=None,
+                        **{"worker_threads": None, "torch_threads": None,
+                           **(this_settings if key == "this" else {})},
                     )  # fmt: skip
                     try:
                         server.wait("/readyz", timeout=300)
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{model} {c:2d} clients: this/baseline x{res[f'clients_{c}']['ratio_of_medians']:.3f}"
                 )
             out["models"][model] = res
-    write_result("versions", out)
+    write_result(args.out, out)
     return out
 
 

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,  # the service writes its own structured access log
         log_level=settings.log_level,
         proxy_headers=True,
+        root_path=settings.root_path,
         # h11, not httptools: httptools has no bound on a request's head (a 64 MB header
         # was read whole, and two of them stalled other clients' /healthz for 5.6 s);
         # h11 refuses a head over the limit with a 400 and closes. Measured side by side

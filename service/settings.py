@@ -33,6 +33,9 @@ class Settings(BaseSettings):
 
     # -- models ---------------------------------------------------------------------
     store: Path = Path("store")  # the model store's root folder (a volume in Docker)
+    # The path prefix a proxy serves the API under (e.g. "/protopnet"): links in the JSON
+    # carry it. Cached explanations do not, so replicas behind different prefixes share them.
+    root_path: str = ""
     default_model: str = (
         "fashion-mnist@production"  # the demo model; name, name@version or name@alias
     )
