@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 
-from bench.common import device_name, write_result
+from bench.common import device_name, seconds_of, write_result
+from common.devices import pick_device
+from common.threads import on_scratch_thread
 from model_store import ModelStore
 from tests.support.serving import RequestImages as Images
 from tests.support.serving import demo_model, metric_sum, run_load, serve, vgg19_model
@@ -39,6 +43,28 @@ def _batches(url: str, model: str) -> tuple[float, float]:
         metric_sum(text, "protopnet_batch_size_sum", model=model),
         metric_sum(text, "protopnet_batch_size_count", model=model),
     )
+
+
+def bare_forward_img_per_s(store: Path, ref: str, batch: int = 16, repeats: int = 5) -> float:
+    """Images per second of the bare batched forward (with the similarity maps), in this
+    process, on the device the service would pick, in channels-last: the service's limit."""
+
+    def run() -> float:
+        model = ModelStore(store).load(ref).model
+        dev = pick_device("auto")
+        model = model.to(dev).to(memory_format=torch.channels_last).eval()
+        S = ModelStore(store).manifest(ref).preprocessing.img_size
+        x = torch.rand(batch, 3, S, S).to(dev, memory_format=torch.channels_last)
+
+        def once() -> None:
+            with torch.inference_mode():
+                out = model.forward_full(x)
+                model.similarity(out.distances)
+
+        once()
+        return batch / min(seconds_of(once, dev) for _ in range(repeats))
+
+    return on_scratch_thread(run)
 
 
 def measure(
@@ -71,7 +97,9 @@ def measure(
                 run_load(server.url, images, n, warmup_s, first_index=index)  # untimed
                 index += 1_000_000
                 before = _batches(server.url, label)
+                cpu0 = time.process_time()
                 run = run_load(server.url, images, n, duration_s, first_index=index)
+                client_cpu = (time.process_time() - cpu0) / max(run.ended - run.started, 1e-9)
                 index += 1_000_000
                 after = _batches(server.url, label)
                 passes = after[1] - before[1]
@@ -83,6 +111,8 @@ def measure(
                     "p50_ms": run.percentile_ms(50),
                     "p99_ms": run.percentile_ms(99),
                     "mean_batch": round((after[0] - before[0]) / passes, 2) if passes else None,
+                    # The load generator's own CPU, in cores: it shares the machine.
+                    "client_cpu_cores": round(client_cpu, 2),
                 }
                 r = rows[str(n)]
                 print(
@@ -96,6 +126,9 @@ def measure(
         lo, hi = str(min(clients)), str(max(clients))
         rows[f"ratio_{hi}_vs_{lo}_clients"] = round(rows[hi]["rps"] / rows[lo]["rps"], 2)
         out["modes"][mode] = rows
+    out["bare_forward_batch16_img_per_s"] = round(
+        bare_forward_img_per_s(source.store, source.ref), 1
+    )
     hi = str(max(clients))
     out[f"batched_vs_unbatched_{hi}_clients"] = round(
         out["modes"]["batched"][hi]["rps"] / out["modes"]["unbatched"][hi]["rps"], 2
@@ -129,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"{hi} vs {lo} clients: batched x{result['modes']['batched'][f'ratio_{hi}_vs_{lo}_clients']}"
         f", unbatched x{result['modes']['unbatched'][f'ratio_{hi}_vs_{lo}_clients']}; "
-        f"batched vs unbatched at {hi} clients x{result[f'batched_vs_unbatched_{hi}_clients']}"
+        f"batched vs unbatched at {hi} clients x{result[f'batched_vs_unbatched_{hi}_clients']}; "
+        f"bare forward at batch 16: {result['bare_forward_batch16_img_per_s']} img/s"
     )
     write_result("service_throughput" + ("" if args.model == "demo" else "_vgg19"), result)
     return result
