@@ -22,7 +22,9 @@ from bench.common import RESULTS_DIR
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-HELPERS = {"__init__", "common", "serving", "run_all"}  # modules that are not benchmarks
+HELPERS = {"__init__", "common", "run_all"}  # modules that are not benchmarks
+# Needs another checkout to compare against (--baseline): run by hand, not by run_all.
+BY_HAND = {"versions"}
 
 # Order: cheap in-process ones first, then the service, then the long training ones.
 # name -> (full-size arguments, --quick arguments; None: left out of --quick runs)
@@ -58,7 +60,7 @@ def supports(name: str, flag: str) -> bool:
 
 def discover() -> list[str]:
     """Every benchmark module: the planned order, then any new bench/*.py."""
-    found = {p.stem for p in BENCH_DIR.glob("*.py") if p.stem not in HELPERS}
+    found = {p.stem for p in BENCH_DIR.glob("*.py") if p.stem not in HELPERS | BY_HAND}
     return [n for n in PLAN if n in found] + sorted(found - set(PLAN))
 
 
