@@ -1,6 +1,10 @@
 """Checks on how faithful an explanation is, beyond the paper's upsampled activation maps.
 
-Three optional, offline tools (nothing here runs on the default explanation path):
+Tools beyond the default explanation path (the receipt runs in the service when a
+request asks for ``faithfulness=true``; the rest are offline):
+
+- ``receipts``: each shown box's deletion test beside boxes of its size placed at random,
+  with a verdict (``FAITHFUL_SHARE``).
 
 - ``deletion_scores``: blank the pixels of a prototype's box on the model input (set them
   to the preprocessing's mean, i.e. 0 after normalisation), re-run the model and report
@@ -298,3 +302,99 @@ def collapsed_prototypes(
         for i, j in zip(a.tolist(), b.tolist(), strict=True):
             pairs.append(CollapsedPair(int(k), int(idx[i]), int(idx[j]), float(d[i, j])))
     return pairs
+
+
+# ---------------------------------------------------------------------------------------
+# The receipt: the deletion test of a shown box against boxes of its size placed at random
+
+# A box is called faithful when blanking it leaves at most this share of what blanking a
+# random box of its size leaves of the similarity (ratio <= 0.8 x the random ratio): the
+# similarity depends on what the box holds clearly more than on a patch of that size
+# anywhere. Otherwise "doubtful": the box may not show what the model matched.
+FAITHFUL_SHARE = 0.8
+RANDOM_BOXES = 4  # random boxes averaged per shown box
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One shown box's deletion test beside the random-box baseline."""
+
+    deletion_ratio: float  # similarity with the box blanked / before, at the same cell
+    random_deletion_ratio: float  # the same, averaged over random boxes of the box's size
+    verdict: str  # "faithful" or "doubtful" (``FAITHFUL_SHARE``)
+
+
+def _random_boxes(
+    boxes: torch.Tensor, side_h: int, side_w: int, count: int, seed: int
+) -> torch.Tensor:
+    """(N, 4) boxes -> (N, count, 4) boxes of the same sizes, placed uniformly in the
+    input; the same seed gives the same boxes."""
+    g = torch.Generator().manual_seed(seed)
+    w = (boxes[:, 2] - boxes[:, 0]).clamp(1, side_w)
+    h = (boxes[:, 3] - boxes[:, 1]).clamp(1, side_h)
+    u = torch.rand(boxes.shape[0], count, 2, generator=g)
+    x0 = (u[..., 0] * (side_w - w + 1)[:, None]).long()
+    y0 = (u[..., 1] * (side_h - h + 1)[:, None]).long()
+    return torch.stack([x0, y0, x0 + w[:, None], y0 + h[:, None]], dim=2)
+
+
+@torch.no_grad()
+def receipts(
+    model: ProtoPNet,
+    image: torch.Tensor,
+    prototypes: Sequence[int],
+    boxes: torch.Tensor,
+    cells: torch.Tensor,
+    seed: int,
+    random_boxes: int = RANDOM_BOXES,
+    batch_size: int = 32,
+) -> list[Receipt]:
+    """The receipt of each prototype's box: blank the box on the model input (to 0, the
+    normalised mean), read the similarity at the prototype's cell, over its value on the
+    clean image; the same for ``random_boxes`` boxes of the box's size placed at random
+    (seeded by ``seed``, so one image always gets the same answer), averaged.
+
+    image: (3, S, S) preprocessed; boxes: (N, 4) input pixels (x0, y0, x1, y1), end
+    exclusive; cells: (N, 2) latent (h, w). The clean copy and all N x (1 + random_boxes)
+    blanked copies go through the model in batches of ``batch_size`` (one batched
+    forward when they fit).
+    """
+    x = _check_inputs(model, image, prototypes)
+    N, S_h, S_w = len(prototypes), x.shape[2], x.shape[3]
+    if boxes.shape != (N, 4) or cells.shape != (N, 2):
+        raise ShapeError(f"expected ({N}, 4) boxes and ({N}, 2) cells for {N} prototypes")
+    b = boxes.to(torch.long).cpu().clone()
+    b[:, [0, 2]] = b[:, [0, 2]].clamp(0, S_w)
+    b[:, [1, 3]] = b[:, [1, 3]].clamp(0, S_h)
+    rand = _random_boxes(b, S_h, S_w, random_boxes, seed)  # (N, R, 4)
+    every = torch.cat([b[:, None], rand], dim=1).reshape(-1, 4)  # (N * (1 + R), 4)
+    ys = torch.arange(S_h).view(1, S_h, 1)
+    xs = torch.arange(S_w).view(1, 1, S_w)
+    protos = torch.tensor([int(j) for j in prototypes], dtype=torch.long)
+    cells = cells.to(torch.long).cpu()
+    which = protos.repeat_interleave(1 + random_boxes)  # the prototype each copy tests
+    where = cells.repeat_interleave(1 + random_boxes, dim=0)
+    clean = x.cpu()
+    values: list[torch.Tensor] = []
+    with _eval_mode(model):
+        d0 = model.distances(model.conv_features(x))[0]  # (P, H', W')
+        before = _log_similarity(model, d0[protos.to(d0.device), cells[:, 0], cells[:, 1]])
+        for start in range(0, every.shape[0], batch_size):
+            bx = every[start : start + batch_size]
+            inside = (
+                (ys >= bx[:, 1].view(-1, 1, 1)) & (ys < bx[:, 3].view(-1, 1, 1))
+                & (xs >= bx[:, 0].view(-1, 1, 1)) & (xs < bx[:, 2].view(-1, 1, 1))
+            ).unsqueeze(1)  # fmt: skip
+            blanked = clean.expand(len(bx), -1, -1, -1).masked_fill(inside, 0.0).to(x.device)
+            d = model.distances(model.conv_features(blanked))  # (b, P, H', W')
+            sl = slice(start, start + len(bx))
+            rows = torch.arange(len(bx), device=d.device)
+            picked = d[rows, which[sl].to(d.device), where[sl, 0], where[sl, 1]]
+            values.append(_log_similarity(model, picked).float().cpu())
+    after = torch.cat(values).view(N, 1 + random_boxes)
+    ratio = after / before.float().cpu()[:, None]
+    out = []
+    for own, rnd in zip(ratio[:, 0].tolist(), ratio[:, 1:].mean(dim=1).tolist(), strict=True):
+        verdict = "faithful" if own <= FAITHFUL_SHARE * rnd else "doubtful"
+        out.append(Receipt(deletion_ratio=own, random_deletion_ratio=rnd, verdict=verdict))
+    return out

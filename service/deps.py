@@ -121,6 +121,11 @@ class ExplainOptions(PredictOptions):
     heatmaps: HeatmapMode | None = Field(
         default=None, description="url (default): links; inline: base64 PNGs; none"
     )
+    faithfulness: bool | None = Field(
+        default=None,
+        description="true: each shown box's deletion test against random boxes of its size "
+        "(a receipt per row; one more forward per box and random box)",
+    )
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class Options:
     top_classes: int
     top_prototypes: int
     heatmaps: HeatmapMode
+    faithfulness: bool
 
 
 @functools.lru_cache(maxsize=32)
@@ -165,6 +171,7 @@ def resolve_options(
         top_classes=values.get("top_classes") or settings.default_top_classes,
         top_prototypes=values.get("top_prototypes") or settings.default_top_prototypes,
         heatmaps=values.get("heatmaps") or "url",
+        faithfulness=bool(values.get("faithfulness")),
     )
     limits = (
         ("top_classes", values.get("top_classes"), settings.max_top_classes),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hashlib
 import math
@@ -20,8 +21,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 import orjson
+import torch
 
 from protopnet.explain import ImageExplanation, top_indices
+from protopnet.faithfulness import Receipt, receipts
+from protopnet.preprocess import input_region
 from service import render
 from service.cache import ExplanationCache
 from service.errors import NotFoundError
@@ -45,21 +49,27 @@ ID_LENGTH = 32  # hex characters of SHA-256 kept in explanation ids (128 bits)
 
 
 def explanation_id(
-    image_sha256: str, served: ServedModel, top_classes: int, top_prototypes: int, max_side: int
+    image_sha256: str,
+    served: ServedModel,
+    top_classes: int,
+    top_prototypes: int,
+    max_side: int,
+    faithfulness: bool = False,
 ) -> str:
     """Same image bytes, same model version, same options -> same id (the cache key)."""
-    key = "|".join(
-        [
-            "v1",
-            image_sha256,
-            served.name,
-            served.version,
-            served.manifest_sha256,
-            str(top_classes),
-            str(top_prototypes),
-            str(max_side),
-        ]
-    )
+    parts = [
+        "v1",
+        image_sha256,
+        served.name,
+        served.version,
+        served.manifest_sha256,
+        str(top_classes),
+        str(top_prototypes),
+        str(max_side),
+    ]
+    if faithfulness:  # the ids of explanations without receipts stay as they were
+        parts.append("receipts")
+    key = "|".join(parts)
     return hashlib.sha256(key.encode()).hexdigest()[:ID_LENGTH]
 
 
@@ -103,6 +113,7 @@ def build_explanation(
     served: ServedModel,
     info: ImageInfo,
     expl_id: str,
+    found: list[Receipt] | None = None,
 ) -> dict[str, Any]:
     """The JSON of one explanation (heatmaps as URLs under no prefix: ``with_root``) from
     the explainer's output.
@@ -177,8 +188,11 @@ def build_explanation(
     base = f"/explanations/{expl_id}"
     model_base = f"/models/{served.name}@{served.version}/prototypes/"
     boxes, peaks = exp.boxes.tolist(), exp.peaks.tolist()
+    receipts_of = [None] * len(shown_j) if found is None else [dataclasses.asdict(r) for r in found]
     shown = []
-    for (x0, y0, x1, y1), (px, py), j, s in zip(boxes, peaks, shown_j, shown_sims, strict=True):
+    for (x0, y0, x1, y1), (px, py), j, s, receipt in zip(
+        boxes, peaks, shown_j, shown_sims, receipts_of, strict=True
+    ):
         hm, pi = f"{base}/heatmaps/{j}.png?style=", f"{model_base}{j}.png?kind="
         shown.append(
             {
@@ -199,6 +213,7 @@ def build_explanation(
                     "source": pi + "source",
                     "activation": pi + "activation",
                 },
+                "receipt": receipt,
             }
         )
     return {
@@ -225,6 +240,30 @@ def with_root(json_bytes: bytes, root: str) -> bytes:
     return json_bytes.replace(b'"/explanations/', b'"' + r + b"/explanations/").replace(
         b'"/models/', b'"' + r + b"/models/"
     )
+
+
+def row_receipts(
+    served: ServedModel, decoded: DecodedImage, exp: ImageExplanation, sha: str
+) -> list[Receipt]:
+    """The faithfulness receipt of every shown row: its box (original pixels) mapped
+    onto the model input, tested at the prototype's closest cell, random boxes seeded by
+    the image's hash (the same image, the same receipt)."""
+    S = served.preprocessing.img_size
+    x0, y0, x1, y1 = input_region(*exp.image_size, served.preprocessing)
+    sx, sy = S / (x1 - x0), S / (y1 - y0)
+    b = exp.boxes.double()
+    boxes = torch.stack(
+        [
+            ((b[:, 0] - x0) * sx).floor(),
+            ((b[:, 1] - y0) * sy).floor(),
+            ((b[:, 2] - x0) * sx).ceil(),
+            ((b[:, 3] - y0) * sy).ceil(),
+        ],
+        dim=1,
+    ).long()
+    cells = exp.latent_peaks[exp.shown]
+    x = decoded.tensor.to(served.device)
+    return receipts(served.model, x, exp.shown, boxes, cells, seed=int(sha[:15], 16))
 
 
 class ExplanationService:
@@ -256,12 +295,19 @@ class ExplanationService:
 
     # -- /explain ---------------------------------------------------------------------
     async def explain(
-        self, served: ServedModel, data: bytes, top_classes: int, top_prototypes: int
+        self,
+        served: ServedModel,
+        data: bytes,
+        top_classes: int,
+        top_prototypes: int,
+        faithfulness: bool = False,
     ) -> tuple[bytes, bool]:
         """(explanation JSON with heatmap URLs, whether it was already made: cached, or
         being made for an identical request)."""
         sha = await self.run(sha256_hex, data) if len(data) > 1 << 20 else sha256_hex(data)
-        eid = explanation_id(sha, served, top_classes, top_prototypes, self.settings.max_map_side)
+        eid = explanation_id(
+            sha, served, top_classes, top_prototypes, self.settings.max_map_side, faithfulness
+        )
         cached = await self.cache.get(eid, "json", count=True)
         if cached is not None:
             return cached, True
@@ -272,7 +318,7 @@ class ExplanationService:
             self.metrics.coalesced.inc()
             return await asyncio.shield(task), True
         task = asyncio.create_task(
-            self._compute(served, data, sha, eid, top_classes, top_prototypes)
+            self._compute(served, data, sha, eid, top_classes, top_prototypes, faithfulness)
         )
         self._in_flight[eid] = task
         task.add_done_callback(lambda _: self._in_flight.pop(eid, None))
@@ -286,11 +332,20 @@ class ExplanationService:
         eid: str,
         top_classes: int,
         top_prototypes: int,
+        faithfulness: bool,
     ) -> bytes:
         decoded = await self.decode(served, data)
         request = ModelInput(decoded.tensor, decoded.size, top_classes, top_prototypes)
         fwd = await served.forward(request)
-        fields = await self.run(self._finish, served, decoded, sha, eid, request, fwd)
+        if not faithfulness:
+            fields = await self.run(self._finish, served, decoded, sha, eid, request, fwd)
+        else:
+            exp = await self.run(served.explanation, fwd, request)
+            # The blanked copies run on the model thread, between batches.
+            found = await served.batcher.on_thread(
+                functools.partial(row_receipts, served, decoded, exp, sha)
+            )
+            fields = await self.run(self._fields, served, decoded, sha, eid, exp, found)
         return await self.cache.put_first(eid, fields)
 
     def _finish(
@@ -304,8 +359,18 @@ class ExplanationService:
     ) -> dict[str, bytes]:
         """Post-forward work for one image, on a worker: its explanation (on the CPU: the
         maps and boxes; on a GPU the batch made them), JSON and cache blobs."""
-        exp = served.explanation(fwd, request)
-        body = build_explanation(exp, served, image_info(decoded, sha), eid)
+        return self._fields(served, decoded, sha, eid, served.explanation(fwd, request))
+
+    def _fields(
+        self,
+        served: ServedModel,
+        decoded: DecodedImage,
+        sha: str,
+        eid: str,
+        exp: ImageExplanation,
+        found: list[Receipt] | None = None,
+    ) -> dict[str, bytes]:
+        body = build_explanation(exp, served, image_info(decoded, sha), eid, found)
         fields = {
             "json": orjson.dumps(body),
             "render": render.pack_render(exp, served.preprocessing, decoded.display),

@@ -15,7 +15,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from model_store.manifest import ClassMetrics, Metrics
 from model_store.store import ImageKind
 from service import render
-from service.schemas import ExplainResponse
+from service.schemas import ExplainResponse, FaithfulnessReceipt
 
 TEMPLATES = Path(__file__).parent / "templates"
 _env = Environment(
@@ -65,6 +65,7 @@ class ReportRow:
     activation_uri: str | None
     patch_uri: str | None
     source_uri: str | None
+    receipt: FaithfulnessReceipt | None = None  # explained with faithfulness=true
 
 
 @dataclass
@@ -110,6 +111,7 @@ def render_report(
         arr = png_thumbnail(png) if png else None
         return data_uri(arr) if arr is not None else None
 
+    receipt_of = {p.prototype: p.receipt for p in resp.prototypes}
     sheets = []
     for title, sheet in zip(
         ("Predicted class", "Runner-up"), resp.scoring_sheets[:2], strict=False
@@ -134,6 +136,7 @@ def render_report(
                     activation_uri=activation_uri,
                     patch_uri=store_uri(r.prototype, "patch"),
                     source_uri=store_uri(r.prototype, "source"),
+                    receipt=receipt_of.get(r.prototype),
                 )
             )
         shown_total = sum(r.points for r in sheet.rows[:rows_per_class])

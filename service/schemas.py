@@ -117,6 +117,22 @@ class PrototypeLinks(BaseModel):
     activation: str
 
 
+class FaithfulnessReceipt(BaseModel):
+    """Whether the box shows what the model matched: the deletion test beside boxes of
+    its size placed at random (``protopnet.faithfulness.receipts``)."""
+
+    deletion_ratio: float = Field(
+        description="similarity left at the prototype's cell with the box blanked (after / "
+        "before): low means the box held what drove the match"
+    )
+    random_deletion_ratio: float = Field(
+        description="the same for boxes of this size placed at random, averaged"
+    )
+    verdict: Literal["faithful", "doubtful"] = Field(
+        description="faithful: deletion_ratio <= 0.8 x random_deletion_ratio"
+    )
+
+
 class ShownPrototype(BaseModel):
     """A prototype that appears in the explanation, with where it fired on the image."""
 
@@ -131,6 +147,9 @@ class ShownPrototype(BaseModel):
         default=None, description="with heatmaps=inline: base64 overlay PNG"
     )
     prototype_images: PrototypeLinks
+    receipt: FaithfulnessReceipt | None = Field(
+        default=None, description="with faithfulness=true: the box's deletion test"
+    )
 
 
 class ExplanationLinks(BaseModel):

@@ -55,7 +55,9 @@ async def explain(
     """
     upload, opts = given
     served = await registry.get(opts.model)
-    data, hit = await svc.explain(served, upload.data, opts.top_classes, opts.top_prototypes)
+    data, hit = await svc.explain(
+        served, upload.data, opts.top_classes, opts.top_prototypes, opts.faithfulness
+    )
     body = await svc.present(data, opts.heatmaps, root_of(request))
     return Response(
         body, media_type="application/json", headers={"X-Cache": "hit" if hit else "miss"}

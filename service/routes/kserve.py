@@ -157,7 +157,10 @@ async def kserve_explain(
     opts = resolve_options(settings, ExplainOptions, ("parameters", {**params, "model": name}))
     served = await registry.get(opts.model)
     done = await _gather(
-        [svc.explain(served, d, opts.top_classes, opts.top_prototypes) for d in images]
+        [
+            svc.explain(served, d, opts.top_classes, opts.top_prototypes, opts.faithfulness)
+            for d in images
+        ]
     )
     root = root_of(request)
     bodies = await asyncio.gather(*(svc.present(data, opts.heatmaps, root) for data, _ in done))

@@ -12,10 +12,13 @@ import torch
 from protopnet import ProtoPNetConfig, ShapeError, create_model
 from protopnet.explain import percentile_boxes, place_maps
 from protopnet.faithfulness import (
+    FAITHFUL_SHARE,
     SmoothGrad,
+    _random_boxes,
     collapsed_prototypes,
     deletion_scores,
     deletion_test,
+    receipts,
     upsampled_input_maps,
 )
 from protopnet.preprocess import eval_transform
@@ -233,3 +236,42 @@ def test_push_onto_a_plain_image_collapses_its_class() -> None:
         model.prototype_vectors.copy_(search.result().vector)
     pairs = collapsed_prototypes(model.prototype_vectors, model.prototype_classes)
     assert [(p.class_index, p.first, p.second) for p in pairs] == [(0, 0, 1)]
+
+
+# ---------------------------------------------------------------------------------------
+# The receipt
+
+
+def test_a_receipt_confirms_the_box_on_the_part_and_doubts_one_elsewhere() -> None:
+    """Prototype 0 is "red": blanking the red square takes its match away (a low ratio,
+    well below random boxes of that size), blanking a grey corner leaves it whole."""
+    model = texture_model()
+    x = eval_transform(PREP)(red_square_image(32, 32, (10, 10, 22, 22)))
+    with torch.no_grad():
+        d = model.distances(model.conv_features(x[None]))[0, 0]
+    idx = int(d.flatten().argmin())
+    cell = torch.tensor([[idx // d.shape[1], idx % d.shape[1]]])
+    on, corner = (
+        receipts(model, x, [0], torch.tensor([box]), cell, seed=7)[0]
+        for box in ([10, 10, 22, 22], [0, 0, 8, 8])
+    )
+    assert on.deletion_ratio < 0.3 and on.verdict == "faithful"
+    assert on.deletion_ratio <= FAITHFUL_SHARE * on.random_deletion_ratio
+    assert corner.deletion_ratio == pytest.approx(1.0, abs=1e-3)
+    assert corner.verdict == "doubtful"
+    # The box's own ratio is the deletion test's; the same seed, the same answer.
+    plain = deletion_scores(model, x, [0], torch.tensor([[10, 10, 22, 22]]), cell)
+    assert on.deletion_ratio == pytest.approx(float(plain.ratio[0]), rel=1e-5)
+    again = receipts(model, x, [0], torch.tensor([[10, 10, 22, 22]]), cell, seed=7)[0]
+    assert again == on
+
+
+def test_random_boxes_keep_the_size_and_stay_inside() -> None:
+    boxes = torch.tensor([[3, 4, 13, 9], [0, 0, 32, 32], [30, 30, 32, 32]])
+    rand = _random_boxes(boxes, 32, 32, 50, seed=3)
+    assert rand.shape == (3, 50, 4)
+    assert ((rand[..., 2] - rand[..., 0]) == (boxes[:, 2] - boxes[:, 0])[:, None]).all()
+    assert ((rand[..., 3] - rand[..., 1]) == (boxes[:, 3] - boxes[:, 1])[:, None]).all()
+    assert (rand[..., :2] >= 0).all() and (rand[..., 2] <= 32).all() and (rand[..., 3] <= 32).all()
+    assert len({tuple(b) for b in rand[0].tolist()}) > 10  # placed all over
+    assert torch.equal(rand, _random_boxes(boxes, 32, 32, 50, seed=3))

@@ -148,3 +148,31 @@ def test_embed_page_shows_the_services_error(
     assert message.startswith("4") and "image" in message.lower(), message
     assert errors == []
     page.close()
+
+
+def test_embed_page_shows_each_rows_receipt_when_asked(
+    browser, cors_server, page_origin, photo_images, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    upload = tmp_path / "coffee.png"
+    photo_images["coffee"].save(upload)
+    page, errors = _open(browser, f"{page_origin}/embed.html?api={cors_server.url}")
+    page.check("#check")
+    with page.expect_response(lambda r: "/explain" in r.url) as answer:
+        page.set_input_files("#file", str(upload))
+    assert "faithfulness=true" in answer.value.url
+    body = answer.value.json()
+    page.wait_for_function("() => !document.getElementById('result').hidden")
+    shown = {p["prototype"]: p for p in body["prototypes"]}
+    rows = page.locator("#sheet tbody tr")
+    for i, r in enumerate(body["scoring_sheets"][0]["rows"]):
+        text = rows.nth(i).locator("td.receipt").inner_text()
+        p = shown.get(r["prototype"])
+        if p is None:
+            assert text == ""
+            continue
+        rc = p["receipt"]
+        word = "checked" if rc["verdict"] == "faithful" else "not confirmed"
+        assert text.startswith(word)
+        assert f"{round(100 * rc['deletion_ratio'])} % left" in text
+    assert errors == []
+    page.close()
