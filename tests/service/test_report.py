@@ -69,7 +69,8 @@ def test_report_renders_rows_and_images(client, server, browser, photo_images) -
         activations = []
         for r, row in enumerate(sheet["rows"]):
             cells = rows.nth(r).locator("td")
-            assert cells.count() == 7
+            assert cells.count() == 8
+            assert cells.nth(7).inner_text() == "not checked (explain with faithfulness=true)"
             assert f"prototype {row['prototype']}" in cells.nth(2).inner_text()
             assert cells.nth(6).inner_text() == f"{row['points']:+.3f}"
             # "Where it is": the API's overlay heatmap of that prototype (box drawn on it).
@@ -105,6 +106,36 @@ def test_report_renders_rows_and_images(client, server, browser, photo_images) -
     page.close()
     html = client.get(body["links"]["report"]).text
     assert "http://" not in html and "https://" not in html  # no external resources at all
+
+
+def test_the_report_gives_each_checked_row_its_badge(client, server, browser, photo_images) -> None:
+    """With faithfulness=true, each row's last cell holds a badge for its verdict and
+    the two percentages in words; a doubtful row also says not to rely on the box."""
+    buf = io.BytesIO()
+    photo_images["cat"].save(buf, format="PNG")
+    r = client.post(
+        "/explain?faithfulness=true", content=buf.getvalue(), headers={"Content-Type": "image/png"}
+    )
+    body = r.json()
+    receipt_of = {p["prototype"]: p["receipt"] for p in body["prototypes"]}
+    page = browser.new_page()
+    page.goto(server.url + body["links"]["report"], wait_until="load")
+    rows = page.locator("section.class").nth(0).locator("tr.row")
+    for i, row in enumerate(body["scoring_sheets"][0]["rows"]):
+        cell = rows.nth(i).locator("td.receipt")
+        rc = receipt_of.get(row["prototype"])
+        if rc is None:  # a row whose prototype has no map: not checked
+            continue
+        badge = cell.locator(".badge")
+        assert badge.get_attribute("class") == f"badge {rc['verdict']}"
+        assert badge.inner_text() == (
+            "box checked" if rc["verdict"] == "faithful" else "box not confirmed"
+        )
+        text = cell.inner_text()
+        assert f"Hiding the box leaves {rc['deletion_ratio'] * 100:.0f}% of the match" in text
+        assert f"elsewhere leaves {rc['random_deletion_ratio'] * 100:.0f}%" in text
+        assert ("do not rely on where it points" in text) == (rc["verdict"] == "doubtful")
+    page.close()
 
 
 def test_the_test_set_line_needs_per_class_figures() -> None:
