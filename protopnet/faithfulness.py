@@ -325,14 +325,16 @@ class Receipt:
 
 
 def _random_boxes(
-    boxes: torch.Tensor, side_h: int, side_w: int, count: int, seed: int
+    boxes: torch.Tensor, side_h: int, side_w: int, count: int, seeds: Sequence[int]
 ) -> torch.Tensor:
     """(N, 4) boxes -> (N, count, 4) boxes of the same sizes, placed uniformly in the
-    input; the same seed gives the same boxes."""
-    g = torch.Generator().manual_seed(seed)
+    input; box n's from its own ``seeds[n]``, so a box's random baseline does not depend
+    on which other boxes are tested with it."""
     w = (boxes[:, 2] - boxes[:, 0]).clamp(1, side_w)
     h = (boxes[:, 3] - boxes[:, 1]).clamp(1, side_h)
-    u = torch.rand(boxes.shape[0], count, 2, generator=g)
+    u = torch.stack(
+        [torch.rand(count, 2, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    ) if len(seeds) else torch.zeros(0, count, 2)  # fmt: skip
     x0 = (u[..., 0] * (side_w - w + 1)[:, None]).long()
     y0 = (u[..., 1] * (side_h - h + 1)[:, None]).long()
     return torch.stack([x0, y0, x0 + w[:, None], y0 + h[:, None]], dim=2)
@@ -344,7 +346,7 @@ def receipts(
     image: torch.Tensor,
     prototypes: Sequence[int],
     boxes: torch.Tensor,
-    cells: torch.Tensor,
+    cells: torch.Tensor | None,
     seed: int,
     random_boxes: int = RANDOM_BOXES,
     batch_size: int = 32,
@@ -352,32 +354,36 @@ def receipts(
     """The receipt of each prototype's box: blank the box on the model input (to 0, the
     normalised mean), read the similarity at the prototype's cell, over its value on the
     clean image; the same for ``random_boxes`` boxes of the box's size placed at random
-    (seeded by ``seed``, so one image always gets the same answer), averaged.
+    (seeded by ``seed`` and the prototype, so one image always gets the same answer,
+    whichever other prototypes are tested with it), averaged.
 
     image: (3, S, S) preprocessed; boxes: (N, 4) input pixels (x0, y0, x1, y1), end
-    exclusive; cells: (N, 2) latent (h, w). The clean copy and all N x (1 + random_boxes)
+    exclusive; cells: (N, 2) latent (h, w), by default each prototype's closest cell on
+    the clean image. The clean copy and all N x (1 + random_boxes)
     blanked copies go through the model in batches of ``batch_size`` (one batched
     forward when they fit).
     """
     x = _check_inputs(model, image, prototypes)
     N, S_h, S_w = len(prototypes), x.shape[2], x.shape[3]
-    if boxes.shape != (N, 4) or cells.shape != (N, 2):
+    if boxes.shape != (N, 4) or (cells is not None and cells.shape != (N, 2)):
         raise ShapeError(f"expected ({N}, 4) boxes and ({N}, 2) cells for {N} prototypes")
     b = boxes.to(torch.long).cpu().clone()
     b[:, [0, 2]] = b[:, [0, 2]].clamp(0, S_w)
     b[:, [1, 3]] = b[:, [1, 3]].clamp(0, S_h)
-    rand = _random_boxes(b, S_h, S_w, random_boxes, seed)  # (N, R, 4)
+    # One seed per prototype from the image's: (seed, prototype) -> the same boxes.
+    seeds = [(seed * 1_000_003 + int(j)) % (1 << 62) for j in prototypes]
+    rand = _random_boxes(b, S_h, S_w, random_boxes, seeds)  # (N, R, 4)
     every = torch.cat([b[:, None], rand], dim=1).reshape(-1, 4)  # (N * (1 + R), 4)
     ys = torch.arange(S_h).view(1, S_h, 1)
     xs = torch.arange(S_w).view(1, 1, S_w)
     protos = torch.tensor([int(j) for j in prototypes], dtype=torch.long)
-    cells = cells.to(torch.long).cpu()
-    which = protos.repeat_interleave(1 + random_boxes)  # the prototype each copy tests
-    where = cells.repeat_interleave(1 + random_boxes, dim=0)
     clean = x.cpu()
     values: list[torch.Tensor] = []
     with _eval_mode(model):
         d0 = model.distances(model.conv_features(x))[0]  # (P, H', W')
+        cells = _argmin_hw(d0[protos.to(d0.device)]) if cells is None else cells.long().cpu()
+        which = protos.repeat_interleave(1 + random_boxes)  # the prototype each copy tests
+        where = cells.repeat_interleave(1 + random_boxes, dim=0)
         before = _log_similarity(model, d0[protos.to(d0.device), cells[:, 0], cells[:, 1]])
         for start in range(0, every.shape[0], batch_size):
             bx = every[start : start + batch_size]

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from protopnet.explain import ImageExplanation, top_indices
 from protopnet.faithfulness import Receipt, receipts
@@ -242,17 +244,24 @@ def with_root(json_bytes: bytes, root: str) -> bytes:
     )
 
 
-def row_receipts(
-    served: ServedModel, decoded: DecodedImage, exp: ImageExplanation, sha: str
+def box_receipts(
+    served: ServedModel,
+    x: torch.Tensor,
+    prototypes: list[int],
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    sha: str,
+    cells: torch.Tensor | None = None,
 ) -> list[Receipt]:
-    """The faithfulness receipt of every shown row: its box (original pixels) mapped
-    onto the model input, tested at the prototype's closest cell, random boxes seeded by
-    the image's hash (the same image, the same receipt)."""
+    """The faithfulness receipts of ``prototypes`` whose boxes (original pixels) were
+    shown on the image: each box mapped onto the model input ``x`` (3, S, S), tested at
+    the prototype's closest cell, random boxes seeded by the image's hash (the same
+    image, the same receipt). Runs on the model thread."""
     S = served.preprocessing.img_size
-    x0, y0, x1, y1 = input_region(*exp.image_size, served.preprocessing)
+    x0, y0, x1, y1 = input_region(*image_size, served.preprocessing)
     sx, sy = S / (x1 - x0), S / (y1 - y0)
-    b = exp.boxes.double()
-    boxes = torch.stack(
+    b = boxes.double()
+    on_input = torch.stack(
         [
             ((b[:, 0] - x0) * sx).floor(),
             ((b[:, 1] - y0) * sy).floor(),
@@ -261,9 +270,19 @@ def row_receipts(
         ],
         dim=1,
     ).long()
-    cells = exp.latent_peaks[exp.shown]
-    x = decoded.tensor.to(served.device)
-    return receipts(served.model, x, exp.shown, boxes, cells, seed=int(sha[:15], 16))
+    x = x.float().to(served.device)
+    return receipts(served.model, x, prototypes, on_input, cells, seed=int(sha[:15], 16))
+
+
+def pack_input(x: torch.Tensor) -> bytes:
+    """The preprocessed model input (3, S, S), kept with an explanation in float16 (150
+    KB at 224 px against 600 KB in float32; a receipt made from it later moves by float16
+    rounding, about 1e-3 of a ratio), so the report can check its boxes on demand."""
+    return st_save({"x": x.detach().cpu().half().contiguous()})
+
+
+def unpack_input(blob: bytes) -> torch.Tensor:
+    return st_load(blob)["x"]
 
 
 class ExplanationService:
@@ -342,9 +361,13 @@ class ExplanationService:
         else:
             exp = await self.run(served.explanation, fwd, request)
             # The blanked copies run on the model thread, between batches.
+            shown = exp.shown
             found = await served.batcher.on_thread(
-                functools.partial(row_receipts, served, decoded, exp, sha)
-            )
+                functools.partial(
+                    box_receipts, served, decoded.tensor, shown, exp.boxes, exp.image_size,
+                    sha, exp.latent_peaks[shown],
+                )
+            )  # fmt: skip
             fields = await self.run(self._fields, served, decoded, sha, eid, exp, found)
         return await self.cache.put_first(eid, fields)
 
@@ -377,6 +400,7 @@ class ExplanationService:
         }
         if not render.keeps_pixels(decoded.display):
             fields["image"] = render.encode_jpeg(decoded.display)
+        fields["input"] = pack_input(decoded.tensor)
         return fields
 
     async def present(self, json_bytes: bytes, mode: HeatmapMode, root: str = "") -> bytes:
@@ -469,6 +493,35 @@ class ExplanationService:
             await self.cache.put(eid, new)
             found.update(new)
         return [found[f] for f in fields]
+
+    async def report_receipts(
+        self, served: ServedModel, resp: ExplainResponse, prototypes: list[int]
+    ) -> dict[int, Receipt]:
+        """Receipts for the report's rows of an explanation made without them: computed
+        once from the kept model input and cached with the explanation."""
+        eid = resp.id
+        cached = await self.cache.get(eid, "receipts")
+        if cached is not None:
+            return {int(j): Receipt(**r) for j, r in orjson.loads(cached).items()}
+        blob = await self.cache.get(eid, "input")
+        if blob is None:
+            raise self._missing(eid)
+        x = await self.run(unpack_input, blob)
+        by_j = {p.prototype: p for p in resp.prototypes}
+        todo = [j for j in prototypes if j in by_j]
+        if not todo:
+            return {}
+        boxes = torch.tensor(
+            [[by_j[j].box.x0, by_j[j].box.y0, by_j[j].box.x1, by_j[j].box.y1] for j in todo]
+        )
+        size = (resp.image.oriented.width, resp.image.oriented.height)
+        found = await served.batcher.on_thread(
+            functools.partial(box_receipts, served, x, todo, boxes, size, resp.image.sha256)
+        )
+        out = dict(zip(todo, found, strict=True))
+        body = {str(j): dataclasses.asdict(r) for j, r in out.items()}
+        await self.cache.put(eid, {"receipts": orjson.dumps(body)})
+        return out
 
     async def boxes(self, eid: str) -> bytes:
         png = await self.cache.get(eid, "png:boxes")

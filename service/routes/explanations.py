@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Annotated, Any
 
@@ -21,7 +22,13 @@ from service.errors import NotFoundError
 from service.explanations import ID_LENGTH, is_explanation_id
 from service.render import png_size
 from service.report import render_report
-from service.schemas import ExplainResponse, HeatmapMode, HeatmapSize, HeatmapStyle
+from service.schemas import (
+    ExplainResponse,
+    FaithfulnessReceipt,
+    HeatmapMode,
+    HeatmapSize,
+    HeatmapStyle,
+)
 
 router = APIRouter(prefix="/explanations", tags=["explanations"], dependencies=[ApiKey])
 
@@ -110,11 +117,23 @@ async def get_report(
     data = await svc.stored_json(_check_id(eid))
     resp = ExplainResponse.model_validate_json(data)
     rd, image = await svc.render_data(eid)
+    ref = f"{resp.model.name}@{resp.model.version}"
     try:
-        m, _ = await registry.manifest(f"{resp.model.name}@{resp.model.version}")
+        m, _ = await registry.manifest(ref)
         read = functools.partial(registry.store.prototype_image_bytes, m)  # in the pool job
         metrics = m.metrics
     except ProtoPNetError:  # the version left the store: the report renders without them
         read, metrics = None, None
+    # Every row the page shows gets its receipt: the JSON's (faithfulness=true), else
+    # checked now on the kept model input, once, and cached with the explanation.
+    rows = {r.prototype for s in resp.scoring_sheets[:2] for r in s.rows[: settings.report_rows]}
+    unchecked = sorted(
+        p.prototype for p in resp.prototypes if p.receipt is None and p.prototype in rows
+    )
+    if unchecked and read is not None:
+        found = await svc.report_receipts(await registry.get(ref), resp, unchecked)
+        for p in resp.prototypes:
+            if p.prototype in found:
+                p.receipt = FaithfulnessReceipt(**dataclasses.asdict(found[p.prototype]))
     html = await svc.run(render_report, resp, rd, image, read, settings.report_rows, metrics)
     return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_CSP})

@@ -268,10 +268,12 @@ def test_a_receipt_confirms_the_box_on_the_part_and_doubts_one_elsewhere() -> No
 
 def test_random_boxes_keep_the_size_and_stay_inside() -> None:
     boxes = torch.tensor([[3, 4, 13, 9], [0, 0, 32, 32], [30, 30, 32, 32]])
-    rand = _random_boxes(boxes, 32, 32, 50, seed=3)
+    rand = _random_boxes(boxes, 32, 32, 50, seeds=[3, 4, 5])
     assert rand.shape == (3, 50, 4)
     assert ((rand[..., 2] - rand[..., 0]) == (boxes[:, 2] - boxes[:, 0])[:, None]).all()
     assert ((rand[..., 3] - rand[..., 1]) == (boxes[:, 3] - boxes[:, 1])[:, None]).all()
     assert (rand[..., :2] >= 0).all() and (rand[..., 2] <= 32).all() and (rand[..., 3] <= 32).all()
     assert len({tuple(b) for b in rand[0].tolist()}) > 10  # placed all over
-    assert torch.equal(rand, _random_boxes(boxes, 32, 32, 50, seed=3))
+    assert torch.equal(rand, _random_boxes(boxes, 32, 32, 50, seeds=[3, 4, 5]))
+    # A box's placements depend on its own seed only, not on the others asked with it.
+    assert torch.equal(rand[1], _random_boxes(boxes[1:2], 32, 32, 50, seeds=[4])[0])

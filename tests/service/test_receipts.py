@@ -62,17 +62,25 @@ def test_every_shown_row_gets_a_receipt_that_a_hand_test_reproduces(
     assert again.headers["x-cache"] == "hit" and again.json() == body
 
 
-def test_the_report_says_per_row_whether_the_box_is_confirmed(client, photo_images) -> None:
+def test_the_report_checks_every_row_even_without_the_option(client, photo_images) -> None:
+    """The report's rows always carry a receipt: the JSON's when it has them, else made
+    for the page from the kept model input (float16), and then the same verdicts and
+    ratios within float16's rounding as faithfulness=true gives."""
     data = encode(photo_images["coffee"], "PNG")
     checked = post_image(client, data, faithfulness="true").json()
-    page = client.get(checked["links"]["report"]).text
-    verdicts = {p["prototype"]: p["receipt"]["verdict"] for p in checked["prototypes"]}
-    shown = [row["prototype"] for row in checked["scoring_sheets"][0]["rows"]]
-    words = {"faithful": "box checked", "doubtful": "box not confirmed"}
-    for verdict in {verdicts[j] for j in shown if j in verdicts}:
-        assert words[verdict] in page
-    assert "Hiding the box leaves" in page
     unchecked = post_image(client, data).json()
+    receipt_of = {p["prototype"]: p["receipt"] for p in checked["prototypes"]}
+    words = {"faithful": "box checked", "doubtful": "box not confirmed"}
+    for body in (checked, unchecked):
+        page = client.get(body["links"]["report"]).text
+        assert "Hiding the box leaves" in page and "not checked" not in page
+        for row in body["scoring_sheets"][0]["rows"]:
+            assert words[receipt_of[row["prototype"]]["verdict"]] in page
+    # The page's own receipts, as the JSON would give them: every ratio printed there is
+    # the faithfulness=true one to the percent (float16 input: within rounding).
     page = client.get(unchecked["links"]["report"]).text
-    assert "not checked (explain with faithfulness=true)" in page
-    assert "box checked" not in page and "box not confirmed" not in page
+    for row in unchecked["scoring_sheets"][0]["rows"]:
+        rc = receipt_of[row["prototype"]]
+        near = {f"{round(rc['deletion_ratio'] * 100 + d)}% of the match" for d in (-1, 0, 1)}
+        assert any(n in page for n in near), (row["prototype"], rc)
+    assert client.get(unchecked["links"]["report"]).text == page  # cached: the same page

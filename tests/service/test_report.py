@@ -70,7 +70,8 @@ def test_report_renders_rows_and_images(client, server, browser, photo_images) -
         for r, row in enumerate(sheet["rows"]):
             cells = rows.nth(r).locator("td")
             assert cells.count() == 8
-            assert cells.nth(7).inner_text() == "not checked (explain with faithfulness=true)"
+            badge = cells.nth(7).locator(".badge").inner_text()  # checked for the page
+            assert badge in ("box checked", "box not confirmed")
             assert f"prototype {row['prototype']}" in cells.nth(2).inner_text()
             assert cells.nth(6).inner_text() == f"{row['points']:+.3f}"
             # "Where it is": the API's overlay heatmap of that prototype (box drawn on it).
