@@ -275,7 +275,7 @@ def box_receipts(
 
 
 def pack_input(x: torch.Tensor) -> bytes:
-    """The preprocessed model input (3, S, S), kept with an explanation in float16 (150
+    """The preprocessed model input (3, S, S), kept with an explanation in float16 (300
     KB at 224 px against 600 KB in float32; a receipt made from it later moves by float16
     rounding, about 1e-3 of a ratio), so the report can check its boxes on demand."""
     return st_save({"x": x.detach().cpu().half().contiguous()})
