@@ -99,3 +99,38 @@ def test_a_cpu_run_on_a_gpu_machine_uses_gloo_and_leaves_cuda_alone(
     with pytest.raises(DistributedError, match="needs one GPU per process"):
         init_distributed(cuda=True)
     assert backends == ["gloo"]
+
+
+def test_two_nodes_meet_through_the_c10d_rendezvous(tmp_path: Path) -> None:
+    """Multi-node launch as an operator runs it, each "node" its own torchrun on
+    loopback: --nnodes=2, one process each, a c10d rendezvous endpoint. Both join one
+    job of world size 2; rank 0 alone writes the run and prints the summary."""
+    run_dir = tmp_path / "two-nodes"
+    port = _free_port()
+
+    def node() -> subprocess.Popen[str]:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=protopnet-test",
+            "-m", "training", "--no-progress", "train", "--config", "synthetic",
+            "--run-dir", str(run_dir), *overrides_args([*TINY, "train.channels_last=false"]),
+        ]  # fmt: skip
+        return subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+
+    nodes = [node(), node()]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    for p, (_, err) in zip(nodes, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    summaries = [out for out, _ in outs if "{" in out]
+    assert len(summaries) == 1  # printed once, by rank 0
+    assert json.loads(summaries[0][summaries[0].index("{") :])["best"]["test_accuracy"] is not None
+    cfg = load_config("synthetic", TINY)
+    n_train = len(build_splits(cfg.data, cfg.train.seed).train)
+    hist = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sgd = [h for h in hist if h["stage"] in ("warm", "joint")]
+    assert sgd and all(0 < h["train"]["images"] <= math.ceil(n_train / 2) for h in sgd)
+    _, meta = load_checkpoint(run_dir / "checkpoints", "last")
+    assert meta["units_done"] == len(plan_units(cfg.train))
