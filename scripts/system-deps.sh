@@ -2,9 +2,10 @@
 # Installs the Debian packages the tests and the demo use, where apt is available.
 # Fashion-MNIST: dataset-fashion-mnist (IDX files under /usr/share/datasets/fashion-mnist).
 # Chromium: the report-page test drives it headless (never a downloaded browser).
+# nginx: the fail-over test runs it in front of three replicas (deploy/nginx).
 set -u
 want=(dataset-fashion-mnist)
-[ "${1:-}" = demo ] || want+=(chromium)
+[ "${1:-}" = demo ] || want+=(chromium nginx)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

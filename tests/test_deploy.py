@@ -100,3 +100,31 @@ def test_dependencies_install_in_a_layer_only_pyproject_invalidates(tmp_path: Pa
         wanted = tomllib.load(f)["project"]["dependencies"]
     assert out.stdout.split() == wanted
     assert not {"httpx", "pytest"} & {r.split(">")[0].split("=")[0] for r in wanted}
+
+
+def test_compose_puts_the_tested_proxy_in_front_of_unpublished_replicas(tmp_path: Path) -> None:
+    """Compose's nginx mounts the very template the loopback fail-over test runs, fills
+    exactly its placeholders, and is the one published port; nginx accepts the file."""
+    from tests.support.proxy import NGINX, TEMPLATE, nginx_available, render
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    proxy, api = services["proxy"], services["api"]
+    assert "ports" not in api and proxy["ports"] == ["${PROXY_PORT:-8000}:8080"]
+    mount = "./deploy/nginx/protopnet.conf.template:/etc/nginx/templates/default.conf.template:ro"
+    assert mount in proxy["volumes"] and TEMPLATE == REPO / "deploy/nginx/protopnet.conf.template"
+    placeholders = set(re.findall(r"\$\{(\w+)\}", TEMPLATE.read_text()))
+    env = proxy["environment"]
+    assert placeholders == {k for k in env if k.startswith("PROTOPNET_")}
+    assert re.fullmatch(env["NGINX_ENVSUBST_FILTER"].strip("^") + r"\w*", "PROTOPNET_UPSTREAMS")
+    if not nginx_available():
+        pytest.skip("Debian's nginx is not installed")
+    conf = tmp_path / "nginx.conf"
+    site = render(["127.0.0.1:8001", "127.0.0.1:8002"], env["PROTOPNET_PROXY_LISTEN"])
+    conf.write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
+        f"events {{}}\nhttp {{ access_log off; {site} }}\n"
+    )
+    out = subprocess.run(
+        [NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr

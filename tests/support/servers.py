@@ -138,12 +138,14 @@ def launch_server(
     command: list[str] | None = None,
     cwd: Path = REPO,
     env_extra: dict[str, str] | None = None,
+    port: int | None = None,
     **settings: str | int | float | None,
 ) -> ServerProcess:
     """Start ``python -m service`` (or ``command``) with PROTOPNET_* settings (does not
-    wait). The tests' defaults set 2 worker and 2 torch threads; a setting given as None
-    is left unset, so the service chooses it as it would for a user."""
-    port = free_port()
+    wait), on ``port`` or a free one. The tests' defaults set 2 worker and 2 torch
+    threads; a setting given as None is left unset, so the service chooses it as it
+    would for a user."""
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOPNET_")}
     env.update(
         {
