@@ -29,7 +29,7 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
     && rm /tmp/requirements.txt
 # Then the code: a change here reinstalls only the project itself.
 COPY README.md* ./
-COPY common ./common
+COPY protokit ./protokit
 COPY protopnet ./protopnet
 COPY model_store ./model_store
 COPY service ./service

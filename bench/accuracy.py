@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bench.common import device_name, write_result
-from common.devices import pick_device
+from protokit.devices import pick_device
 from protopnet.backbones import create_backbone
 from training import engine
 from training.config import RunConfig, load_config

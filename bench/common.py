@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write
+from protokit.atomic import atomic_write
 
 # Where results go: bench/results, or $PROTOPNET_BENCH_RESULTS (a GPU machine's runs are
 # written to their own folder and kept beside the CPU ones, in bench/results/gpu).

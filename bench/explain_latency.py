@@ -42,7 +42,7 @@ import httpx
 import torch
 
 from bench.common import device_name, p50, seconds_of, write_result
-from common.threads import use_torch_threads
+from protokit.threads import use_torch_threads
 from service.deps import ExplainOptions, resolve_options
 from service.images import DecodedImage, decode_image
 from service.registry import ModelInput, forward_batch
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"device": device_name(), "goal_ratio": GOAL_RATIO, "models": {}}
     # This thread stands in for the service's event loop and never runs torch in
     # parallel; each model's thread gets what the service chooses at warm-up (one thread
-    # or one per core; see common/threads.py for why only one thread may).
+    # or one per core; see protokit/threads.py for why only one thread may).
     use_torch_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as d:
         tmp = Path(d)

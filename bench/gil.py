@@ -38,7 +38,7 @@ import orjson
 import torch
 
 from bench.common import device_name, p50, write_result
-from common.threads import use_torch_threads
+from protokit.threads import use_torch_threads
 from service import render
 from service.explanations import build_explanation, image_info
 from service.images import decode_image

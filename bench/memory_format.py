@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from bench.common import device_name, p50, seconds_of, write_result
-from common.devices import pick_device
-from common.threads import DEFAULT_TORCH_THREADS, on_scratch_thread, use_torch_threads
+from protokit.devices import pick_device
+from protokit.threads import DEFAULT_TORCH_THREADS, on_scratch_thread, use_torch_threads
 from protopnet.config import ProtoPNetConfig
 from protopnet.model import ProtoPNet, create_model
 from tests.support.serving import cub_vgg19_config, demo_architecture

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bench.common import device_name, p50, seconds_of, write_result
-from common.threads import use_torch_threads
+from protokit.threads import use_torch_threads
 from service.images import decode_image
 from tests.support.serving import (
     ModelSource,

@@ -27,9 +27,9 @@ import httpx
 import torch
 
 from bench.common import device_name, seconds_of, write_result
-from common.devices import pick_device
-from common.threads import on_scratch_thread
 from model_store import ModelStore
+from protokit.devices import pick_device
+from protokit.threads import on_scratch_thread
 from tests.support.serving import RequestImages as Images
 from tests.support.serving import demo_model, metric_sum, run_load, serve, vgg19_model
 

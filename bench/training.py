@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from bench.accuracy import Baseline
 from bench.common import device_name, p50, seconds_of, write_result
-from common.devices import pick_device
+from protokit.devices import pick_device
 from protopnet.model import create_model
 from tests.support.serving import cub_vgg19_config
 from training import engine

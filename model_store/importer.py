@@ -25,17 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.image_files import (
+from model_store.errors import PublishError, UnsafePickleError
+from model_store.integrity import sha256_file
+from model_store.manifest import Manifest, PrototypeRecord
+from model_store.store import DEFAULT_ALIAS, ModelStore, PrototypeVisuals
+from protokit.image_files import (
     IMAGE_SUFFIXES,
     ImageFileError,
     class_folders,
     images_under,
     open_image_file,
 )
-from model_store.errors import PublishError, UnsafePickleError
-from model_store.integrity import sha256_file
-from model_store.manifest import Manifest, PrototypeRecord
-from model_store.store import DEFAULT_ALIAS, ModelStore, PrototypeVisuals
 from protopnet.backbones import clean_state_dict_keys, get_backbone_spec
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.errors import UnknownNameError, WeightsError

@@ -38,7 +38,6 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from common.atomic import atomic_write, fsync_dir
 from model_store.errors import (
     IntegrityError,
     InvalidNameError,
@@ -56,6 +55,7 @@ from model_store.integrity import (
     sha256_bytes,
 )
 from model_store.manifest import Manifest, Metrics, PrototypeRecord
+from protokit.atomic import atomic_write, fsync_dir
 from protopnet.config import Preprocessing
 from protopnet.errors import UnknownNameError, WeightsError
 from protopnet.model import ProtoPNet, create_model

@@ -183,31 +183,24 @@ def resolve_options(
     return opts
 
 
-def _query(request: Request) -> dict[str, str]:
-    return dict(request.query_params)
-
-
 async def explain_request(
-    request: Request, settings: SettingsDep, _: Annotated[ExplainOptions, Query()]
+    request: Request, settings: SettingsDep, query: Annotated[ExplainOptions, Query()]
 ) -> tuple[Upload, Options]:
-    """The upload and the /explain options from its query and form fields. The query is
-    declared as ``ExplainOptions`` for the API docs; the values are read here once, with
-    the form's, so that both are checked alike."""
+    """The upload and the /explain options: the query's (parsed by FastAPI into
+    ``ExplainOptions``), else the form's, else the settings' defaults."""
     upload = await read_upload(request, settings)
-    opts = resolve_options(
-        settings, ExplainOptions, ("query", _query(request)), ("form", upload.fields)
-    )
+    given = query.model_dump(exclude_none=True)
+    opts = resolve_options(settings, ExplainOptions, ("query", given), ("form", upload.fields))
     return upload, opts
 
 
 async def predict_request(
-    request: Request, settings: SettingsDep, _: Annotated[PredictOptions, Query()]
+    request: Request, settings: SettingsDep, query: Annotated[PredictOptions, Query()]
 ) -> tuple[Upload, Options]:
     """``explain_request`` for /predict's options."""
     upload = await read_upload(request, settings)
-    opts = resolve_options(
-        settings, PredictOptions, ("query", _query(request)), ("form", upload.fields)
-    )
+    given = query.model_dump(exclude_none=True)
+    opts = resolve_options(settings, PredictOptions, ("query", given), ("form", upload.fields))
     return upload, opts
 
 

@@ -277,7 +277,9 @@ def box_receipts(
 def pack_input(x: torch.Tensor) -> bytes:
     """The preprocessed model input (3, S, S), kept with an explanation in float16 (300
     KB at 224 px against 600 KB in float32; a receipt made from it later moves by float16
-    rounding, about 1e-3 of a ratio), so the report can check its boxes on demand."""
+    rounding, about 1e-3 of a ratio), so the report can check its boxes on demand. Packing
+    costs 0.03 ms a request for the demo's 28 px and 0.06 ms at 224 px (one thread),
+    against a 3.4 ms and a 258 ms /explain."""
     return st_save({"x": x.detach().cpu().half().contiguous()})
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from common.dicom import DicomError, DicomFile, is_dicom, open_dicom
+from protokit.dicom import DicomError, DicomFile, is_dicom, open_dicom
 from protopnet.config import Preprocessing
 from protopnet.explain import display_size
 from protopnet.preprocess import model_input, to_model_mode
@@ -190,7 +190,7 @@ def decode_opened(
     """``decode_image`` after ``open_image`` (which only read the header).
 
     Animated images and multi-frame DICOM: the first frame. DICOM is windowed as its
-    file says (``common.dicom``). JPEGs much larger than needed are decoded at a
+    file says (``protokit.dicom``). JPEGs much larger than needed are decoded at a
     reduced DCT scale (Pillow's draft mode), which is several times faster; sizes and
     boxes are still reported in the full image's pixels.
     """

@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from common.threads import use_torch_threads
 from model_store import ModelStore
+from protokit.threads import use_torch_threads
 from service.cache import ExplanationCache
 from service.errors import ErrorResponse, install_error_handlers
 from service.explanations import ExplanationService
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Workers run torch single-threaded; only model threads use several (common.threads).
+        # Workers run torch single-threaded; only model threads use several (protokit.threads).
         pool = ThreadPoolExecutor(
             settings.pool_threads,
             thread_name_prefix="work",

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.devices import pick_device
-from common.threads import use_torch_threads
 from model_store import LoadedModel, ModelStore
 from model_store.manifest import Manifest
+from protokit.devices import pick_device
+from protokit.threads import use_torch_threads
 from protopnet.config import Preprocessing
 from protopnet.explain import ImageExplanation, PrototypeExplainer
 from protopnet.model import ProtoPNet
@@ -38,8 +38,6 @@ from service.metrics import Metrics
 from service.settings import Settings, usable_cores
 
 log = logging.getLogger("service.registry")
-
-MANIFESTS_KEPT = 32  # manifests of versions not loaded, for their pictures and details
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ class Runtime:
         # The plain rule: the cores shared by the models loaded at start-up. An operator
         # serving several models at once sets PROTOPNET_TORCH_THREADS (a model thread's
         # OpenMP team stays as long as it lives; teams beyond the cores throttle each
-        # other, see common/threads.py).
+        # other, see protokit/threads.py).
         threads = settings.torch_threads or max(
             1, usable_cores() // max(1, len(settings.startup_models()))
         )
@@ -174,8 +172,9 @@ class ServedModel:
     def class_names(self) -> list[str]:
         return self.manifest.class_names
 
-    @property
+    @functools.cached_property
     def prototype_classes(self) -> list[int]:
+        """Each prototype's class (read once: every explanation's JSON names them)."""
         return [p.class_index for p in self.manifest.prototypes]
 
     @property
@@ -261,7 +260,6 @@ class ModelRegistry:
     def __init__(self, store: ModelStore, settings: Settings, metrics: Metrics, runtime: Runtime):
         self.store, self.settings, self.metrics, self.runtime = store, settings, metrics, runtime
         self._models: OrderedDict[str, ServedModel] = OrderedDict()
-        self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # of versions not loaded
         self._locks: dict[str, asyncio.Lock] = {}
         self.ready = False
         self.error: str | None = None  # the start-up failures, one line
@@ -288,20 +286,12 @@ class ModelRegistry:
 
     async def manifest(self, ref: str) -> tuple[Manifest, str | None]:
         """A version's manifest, and its SHA-256 when this replica has it loaded: from the
-        loaded model, else read from the store (checked against manifest.sha256) and kept
-        for the next request (versions never change once published)."""
+        loaded model, else read from the store (checked against manifest.sha256)."""
         name, version = await self.resolve(ref)
         served = self.peek(name, version)
         if served is not None:
             return served.manifest, served.manifest_sha256
-        key = f"{name}@{version}"
-        manifest = self._manifests.get(key)
-        if manifest is None:
-            manifest = await asyncio.to_thread(self.store.manifest, key)
-            self._manifests[key] = manifest
-            while len(self._manifests) > MANIFESTS_KEPT:
-                self._manifests.popitem(last=False)
-        return manifest, None
+        return await asyncio.to_thread(self.store.manifest, f"{name}@{version}"), None
 
     async def get(self, ref: str | None = None) -> ServedModel:
         """The served model for a reference (default: the settings' default model)."""

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1" ...
     # Intra-op threads of each model's thread. Unset: the usable cores divided by the
     # start-up models (service.registry.Runtime). Set it when serving several models at
-    # once. The worker pool runs torch single-threaded, see common/threads.py.
+    # once. The worker pool runs torch single-threaded, see protokit/threads.py.
     torch_threads: int | None = Field(default=None, ge=1)
     # Convolutions in channels-last layout: oneDNN's fastest path on a CPU (VGG-19's
     # forward about 1.15x, the demo's about 1.2x faster: bench/memory_format.py) and

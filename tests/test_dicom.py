@@ -13,7 +13,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from common.dicom import DicomError, is_dicom, open_dicom
+from protokit.dicom import DicomError, is_dicom, open_dicom
 from tests.dicom_files import dicom_bytes, hounsfield_phantom, jpeg_ls_dicom, window_by_hand
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.atomic import atomic_write, atomic_write_with
+from protokit.atomic import atomic_write, atomic_write_with
 from protopnet.errors import ProtoPNetError
 
 FORMAT = 1

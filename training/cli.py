@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.devices import pick_device
+from protokit.devices import pick_device
 from protopnet.errors import ProtoPNetError
 
 

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.dicom import DicomError, open_dicom
-from common.image_files import (
+from protokit.dicom import DicomError, open_dicom
+from protokit.image_files import (
     IMAGE_SUFFIXES,
     ImageFileError,
     class_folders,

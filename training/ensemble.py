@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from common.devices import pick_device
+from protokit.devices import pick_device
 from protopnet.ensemble import ProtoPNetEnsemble
 from protopnet.errors import ProtoPNetError
 from protopnet.preprocess import eval_transform

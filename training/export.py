@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.devices import pick_device
 from model_store import Manifest, ModelStore
+from protokit.devices import pick_device
 from protopnet.errors import ProtoPNetError
 from training import engine
 from training.data import build_splits

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write
+from protokit.atomic import atomic_write
 
 LOSS_TERMS = ("ce", "cluster", "separation", "avg_separation", "l1")
 

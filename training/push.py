@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from common.threads import use_torch_threads
 from model_store import PrototypeRecord, PrototypeVisuals
+from protokit.threads import use_torch_threads
 from protopnet.config import Preprocessing
 from protopnet.errors import ProtoPNetError
 from protopnet.explain import source_boxes
@@ -316,7 +316,7 @@ def _draw_all(
     images are drawn on a few threads (OpenCV and torch release the GIL)."""
     workers = max(1, min(4, os.cpu_count() or 1, len(by_image)))
     items = list(by_image.items())
-    # Single-threaded torch on the drawing threads (common.threads).
+    # Single-threaded torch on the drawing threads (protokit.threads).
     with ThreadPoolExecutor(workers, initializer=use_torch_threads, initargs=(1,)) as pool:
         drawn = list(
             pool.map(

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from common.atomic import atomic_write
-from common.devices import pick_device
 from model_store import PrototypeRecord
+from protokit.atomic import atomic_write
+from protokit.devices import pick_device
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.errors import ProtoPNetError
 from protopnet.model import ProtoPNet, create_model

@@ -156,29 +156,3 @@ def test_batch_sizes_never_exceed_max(max_batch: int) -> None:
 
     run(main())
     assert max(model.sizes) <= max_batch and sum(model.sizes) == 10
-
-
-def test_the_model_thread_runs_batches_and_nothing_else() -> None:
-    """Whatever a request does after its forward happens where it awaited its result,
-    never on the model thread: the next batch does not wait for it. Decided by design,
-    not by how long the queue looks."""
-    model = FakeModel(delay=0.02)
-    on_model_thread: list[bool] = []
-
-    async def one(b: MicroBatcher, v: float) -> float:
-        r = await b.submit(torch.full((3,), v))
-        on_model_thread.append(threading.current_thread().name.startswith("model-"))
-        return r
-
-    async def main() -> tuple[float, list[float]]:
-        b = MicroBatcher("m", model, max_batch=8, max_wait_s=0.05, max_queue=64)
-        alone = await one(b, 5.0)
-        together = await asyncio.gather(*(one(b, float(i)) for i in range(4)))
-        await b.close()
-        return alone, together
-
-    alone, together = run(main())
-    assert alone == 10.0 and together == [2.0 * i for i in range(4)]
-    assert model.sizes == [1, 4]
-    assert not any(on_model_thread)
-    assert len(model.threads) == 1

@@ -1,5 +1,5 @@
 """The process around the model: which threads run torch with several threads
-(common/threads.py: a second OpenMP team throttles both, which made small forwards 3x
+(protokit/threads.py: a second OpenMP team throttles both, which made small forwards 3x
 slower), and the heap kept out of the garbage collector's full passes (a 210 ms pause
 stalled every request in flight)."""
 
@@ -90,6 +90,40 @@ def test_unset_torch_threads_share_the_cores_among_the_start_up_models(
 
     assert asyncio.run(main(["first"])) == [6]
     assert asyncio.run(main(["first", "second"])) == [3, 3]
+
+
+def test_each_image_is_explained_on_the_pool_never_on_the_model_thread(
+    store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By design, not by how long the queue looks: the model thread runs forwards only,
+    and the work after one (maps, boxes, JSON) runs on the worker pool, for a lone image
+    and for a batch alike, so the next batch never waits for it."""
+    where: list[str] = []
+    explanation = registry_module.ServedModel.explanation
+
+    def recorded(self: Any, *args: Any) -> Any:
+        where.append(threading.current_thread().name)
+        return explanation(self, *args)
+
+    monkeypatch.setattr(registry_module.ServedModel, "explanation", recorded)
+    rng = np.random.default_rng(5)
+    uploads = []
+    for _ in range(5):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(buf, format="PNG")
+        uploads.append(buf.getvalue())
+
+    async def main() -> None:
+        app = create_app(in_process(store_root, "photo", max_batch=8, max_wait_ms=50))
+        async with app.router.lifespan_context(app):
+            served = await app.state.registry.get("photo")
+            svc = app.state.explanations
+            await svc.explain(served, uploads[0], 3, 10)  # alone
+            await asyncio.gather(*(svc.explain(served, u, 3, 10) for u in uploads[1:]))
+
+    asyncio.run(main())
+    assert len(where) == 5
+    assert all(name.startswith("work") for name in where), where
 
 
 def test_loaded_models_are_frozen_and_an_unloaded_one_is_freed(tmp_path: Path) -> None:

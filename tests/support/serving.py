@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.threads import on_scratch_thread
 from model_store import ModelStore, PrototypeRecord
+from protokit.threads import on_scratch_thread
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.errors import ProtoPNetError
 from protopnet.model import create_model

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from common.dicom import DicomError, open_dicom
+from protokit.dicom import DicomError, open_dicom
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (
