@@ -94,7 +94,7 @@ async def _measure(
             request = ModelInput(decoded.tensor, decoded.size, 3, 10)
 
             def run() -> None:
-                fwd = forward_batch(served.model, served.explainer, rt, [request])[0]
+                fwd = forward_batch(served.model, served.explainer, None, rt, [request])[0]
                 svc._finish(served, decoded, "0" * 64, "0" * 32, request, fwd)
 
             return seconds_of(run, x.device)

@@ -40,7 +40,7 @@ import torch
 from bench.common import device_name, p50, write_result
 from protokit.threads import use_torch_threads
 from service import render
-from service.explanations import build_explanation, image_info
+from service.explanations import build_explanation, familiarity_answer, image_info
 from service.images import decode_image
 from service.registry import ForwardResult, ModelInput, forward_batch
 from tests.support.serving import (
@@ -140,7 +140,7 @@ async def _steps(source: ModelSource, seconds: float, rounds: int) -> dict[str, 
         requests = [ModelInput(d.tensor, d.size, 3, 10) for d in decoded]
 
         def run(r: ModelInput) -> list[ForwardResult]:
-            return forward_batch(served.model, served.explainer, served.runtime, [r])
+            return forward_batch(served.model, served.explainer, None, served.runtime, [r])
 
         fwds = [run(r)[0] for r in requests[:16]]
         images_and_fwds = list(zip(decoded[:16], fwds, strict=True))
@@ -159,7 +159,8 @@ async def _steps(source: ModelSource, seconds: float, rounds: int) -> dict[str, 
 
         def json_step() -> None:
             d, e = next(exps)
-            orjson.dumps(build_explanation(e, served, image_info(d, "0" * 64), "0" * 32))
+            fam = familiarity_answer(served, None, 1.0)
+            orjson.dumps(build_explanation(e, served, image_info(d, "0" * 64), "0" * 32, fam))
 
         def pack() -> None:
             d, e = next(exps)

@@ -161,6 +161,14 @@ def cmd_import(store: ModelStore, args: argparse.Namespace) -> int:
         )
     else:
         print(f"  pictures for all {P} prototypes from {result.images_seen} images")
+    if m.familiarity is not None:
+        f = m.familiarity
+        print(
+            f"  familiarity calibrated: fitted on {f.fitted_images} images, calibrated on "
+            f"{f.calibration_images}"
+        )
+    else:
+        print(f"  no familiarity score (answers say familiar: null): {result.familiarity_skipped}")
     return 0
 
 

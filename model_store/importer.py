@@ -36,10 +36,12 @@ from protokit.image_files import (
     images_under,
     open_image_file,
 )
+from protopnet import familiarity
 from protopnet.backbones import clean_state_dict_keys, get_backbone_spec
 from protopnet.config import Preprocessing, ProtoPNetConfig
-from protopnet.errors import UnknownNameError, WeightsError
+from protopnet.errors import ShapeError, UnknownNameError, WeightsError
 from protopnet.explain import source_boxes
+from protopnet.familiarity import Familiarity
 from protopnet.model import ProtoPNet, create_model
 from protopnet.preprocess import eval_transform, to_model_mode
 from protopnet.push import NearestPatchSearch
@@ -53,6 +55,7 @@ class ImportResult:
     manifest: Manifest
     without_images: list[int] = field(default_factory=list)  # prototypes left without pictures
     images_seen: int = 0
+    familiarity_skipped: str | None = None  # why no familiarity score was calibrated
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,6 +254,35 @@ def image_folder(root: Path, class_names: Sequence[str]) -> list[tuple[Path, int
     return items
 
 
+@dataclass
+class FolderPass:
+    """What one pass over an import's image folder gives."""
+
+    records: list[PrototypeRecord]
+    visuals: dict[int, PrototypeVisuals]
+    maps: torch.Tensor  # (P, H', W') self-activation maps (zeros: class without image)
+    images_seen: int
+    pooled: torch.Tensor  # (N, D) each image's mean latent vector
+    labels: torch.Tensor  # (N,) its class
+
+
+HELD_OUT_EVERY = 5  # every 5th image of the folder calibrates the familiarity score
+
+
+def folder_familiarity(folder: FolderPass, num_classes: int) -> Familiarity:
+    """The familiarity score of an imported model: fitted on 4 in 5 of the folder's
+    images, calibrated on the 5th (ShapeError when there are too few)."""
+    held = torch.arange(len(folder.labels)) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    return familiarity.fit(
+        folder.pooled[~held],
+        folder.labels[~held],
+        num_classes,
+        folder.pooled[held],
+        fitted_on="import images (4 in 5)",
+        calibrated_on="import images (1 in 5, held out)",
+    )
+
+
 @torch.inference_mode()
 def nearest_patch_pictures(
     model: ProtoPNet,
@@ -259,12 +291,9 @@ def nearest_patch_pictures(
     images_dir: str | Path,
     batch_size: int = 32,
     progress: bool = False,
-) -> tuple[list[PrototypeRecord], dict[int, PrototypeVisuals], torch.Tensor, int]:
-    """Each prototype's nearest same-class patch over a folder, without moving prototypes.
-
-    Returns records, visuals, the (P, H', W') self-activation maps (zeros for prototypes
-    whose class has no image) and the number of images seen.
-    """
+) -> FolderPass:
+    """Each prototype's nearest same-class patch over a folder, without moving prototypes,
+    and every image's mean latent vector (for the familiarity score)."""
     from tqdm import tqdm
 
     root = Path(images_dir)
@@ -273,6 +302,7 @@ def nearest_patch_pictures(
     classes = model.prototype_classes.cpu()  # (P,)
     D, h1, w1 = model.prototype_vectors.shape[1:]
     search = NearestPatchSearch(classes, (D, h1, w1))
+    pooled = []
     starts = range(0, len(items), batch_size)
     for start in tqdm(starts, desc="nearest patches", unit="batch", disable=not progress):
         chunk = items[start : start + batch_size]
@@ -280,6 +310,7 @@ def nearest_patch_pictures(
         out = model.forward_full(x)
         labels = torch.tensor([k for _, k in chunk])
         search.update(out.distances, out.features, labels, torch.arange(start, start + len(x)))
+        pooled.append(out.features.float().mean(dim=(2, 3)))
     best = search.result()
 
     P = model.num_prototypes
@@ -315,7 +346,8 @@ def nearest_patch_pictures(
             )
         )
         visuals[j] = PrototypeVisuals.draw(pic, box, canvas[0].numpy())
-    return records, visuals, maps, len(items)
+    labels = torch.tensor([k for _, k in items])
+    return FolderPass(records, visuals, maps, len(items), torch.cat(pooled), labels)
 
 
 def _open_image(path: Path) -> Any:
@@ -412,10 +444,19 @@ def import_reference(
     seen = 0
     maps: torch.Tensor | None = None
     visuals: dict[int, PrototypeVisuals] = {}
+    fam: Familiarity | None = None
+    skipped: str | None = "no image folder given (--images)"
     if images_dir is not None:
-        records, visuals, maps, seen = nearest_patch_pictures(
+        folder = nearest_patch_pictures(
             model, preprocessing, class_names, images_dir, batch_size, progress
         )
+        records, visuals, maps, seen = (
+            folder.records, folder.visuals, folder.maps, folder.images_seen
+        )  # fmt: skip
+        try:
+            fam, skipped = folder_familiarity(folder, config.num_classes), None
+        except ShapeError as exc:
+            skipped = str(exc)
     else:
         records = [
             PrototypeRecord(index=j, class_index=k)
@@ -441,6 +482,7 @@ def import_reference(
         aliases=(),
         source="import-reference",
         version=version,
+        familiarity=fam,
     )
     try:
         check_published(store, f"{manifest.name}@{manifest.version}", model)
@@ -450,4 +492,6 @@ def import_reference(
     for alias in aliases:
         store.promote(manifest.name, manifest.version, alias)
     without = [j for j in range(config.num_prototypes) if j not in visuals]
-    return ImportResult(manifest=manifest, without_images=without, images_seen=seen)
+    return ImportResult(
+        manifest=manifest, without_images=without, images_seen=seen, familiarity_skipped=skipped
+    )

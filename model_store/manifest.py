@@ -4,6 +4,7 @@ A published version is a folder that never changes again:
 
     manifest.json              this schema
     weights.safetensors        the state_dict, reference key names
+    familiarity.safetensors    the familiarity score's class means, precision, calibration
     prototypes/activations.safetensors   raw low-resolution self-activation maps (P, H', W')
     prototypes/<j>_patch.png   the prototype's box crop of its source image
     prototypes/<j>_source.png  the source image with the box drawn
@@ -60,6 +61,20 @@ class Metrics(BaseModel):
     baseline_gap_points: float | None = None
 
 
+class FamiliarityInfo(BaseModel):
+    """How the version's familiarity score was fitted and calibrated (``protopnet.
+    familiarity``); its tensors are ``familiarity.safetensors``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str  # e.g. "latent-mahalanobis"
+    fitted_on: str
+    fitted_images: int
+    calibrated_on: str
+    calibration_images: int
+    percentiles: dict[str, float]  # of the calibration images' scores: p1, p5, p50, p95
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,4 +90,5 @@ class Manifest(BaseModel):
     code_version: str = "unknown"
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     source: Literal["training", "import-reference"] = "training"
+    familiarity: FamiliarityInfo | None = None  # None: published without calibration
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256 hex

@@ -54,16 +54,19 @@ from model_store.integrity import (
     read_verified,
     sha256_bytes,
 )
-from model_store.manifest import Manifest, Metrics, PrototypeRecord
+from model_store.manifest import FamiliarityInfo, Manifest, Metrics, PrototypeRecord
 from protokit.atomic import atomic_write, fsync_dir
 from protopnet.config import Preprocessing
-from protopnet.errors import UnknownNameError, WeightsError
+from protopnet.errors import ShapeError, UnknownNameError, WeightsError
+from protopnet.familiarity import METHOD as FAMILIARITY_METHOD
+from protopnet.familiarity import Familiarity
 from protopnet.model import ProtoPNet, create_model
 from protopnet.visualize import crop, draw_boxes, encode_png, overlay
 
 WEIGHTS = "weights.safetensors"
 ACTIVATIONS = "prototypes/activations.safetensors"
 ACTIVATIONS_KEY = "maps"
+FAMILIARITY = "familiarity.safetensors"
 IMAGE_KINDS = ("patch", "source", "activation")
 ImageKind = Literal["patch", "source", "activation"]
 DEFAULT_ALIAS = "latest"
@@ -166,6 +169,19 @@ class LoadedModel:
             return None
         data = read_verified(self.path, self.manifest, ACTIVATIONS)
         return load_safetensors(data)[ACTIVATIONS_KEY]
+
+    def familiarity(self) -> Familiarity | None:
+        """The calibrated familiarity score, or None when the version has none."""
+        info = self.manifest.familiarity
+        if info is None:
+            return None
+        data = read_verified(self.path, self.manifest, FAMILIARITY)
+        try:
+            return Familiarity.from_tensors(
+                load_safetensors(data), info.fitted_on, info.fitted_images, info.calibrated_on
+            )
+        except (ShapeError, ValueError) as exc:  # a hash match with bad content
+            raise IntegrityError(str(self.path / FAMILIARITY), str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------
@@ -459,6 +475,7 @@ class ModelStore:
         aliases: Sequence[str] = (DEFAULT_ALIAS,),
         source: Literal["training", "import-reference"] = "training",
         version: str | None = None,
+        familiarity: Familiarity | None = None,
     ) -> Manifest:
         """Write a new immutable version of ``name`` and point ``aliases`` at it.
 
@@ -480,6 +497,13 @@ class ModelStore:
             raise InvalidNameError(f"version {version!r} cannot also be one of its aliases")
         visuals = dict(visuals or {})
         self._check_inputs(model, preprocessing, class_names, prototypes, visuals, activation_maps)
+        if familiarity is not None and familiarity.class_means.shape[1] != (
+            model.config.prototype_depth
+        ):
+            raise PublishError(
+                f"familiarity fitted on {familiarity.class_means.shape[1]}-channel features, "
+                f"but the model's latent features have {model.config.prototype_depth}"
+            )
         if isinstance(metrics, dict):
             metrics = Metrics.model_validate(metrics)
         training_config = dict(training_config or {})
@@ -506,6 +530,19 @@ class ModelStore:
                 maps = activation_maps.detach().float().cpu().contiguous()  # (P, H', W')
                 files[ACTIVATIONS] = _write(
                     tmp / ACTIVATIONS, save_safetensors({ACTIVATIONS_KEY: maps})
+                )
+            familiarity_info = None
+            if familiarity is not None:
+                files[FAMILIARITY] = _write(
+                    tmp / FAMILIARITY, save_safetensors(familiarity.tensors())
+                )
+                familiarity_info = FamiliarityInfo(
+                    method=FAMILIARITY_METHOD,
+                    fitted_on=familiarity.fitted_on,
+                    fitted_images=familiarity.fitted_images,
+                    calibrated_on=familiarity.calibrated_on,
+                    calibration_images=len(familiarity.validation_scores),
+                    percentiles=familiarity.summary(),
                 )
             files.update(self._write_images(tmp, visuals))
             if (tmp / "prototypes").is_dir():
@@ -547,6 +584,7 @@ class ModelStore:
                     metrics=metrics or Metrics(),
                     code_version=code_version(),
                     source=source,
+                    familiarity=familiarity_info,
                     files=dict(sorted(files.items())),
                 )
                 raw = manifest.model_dump_json(indent=2).encode()

@@ -27,6 +27,7 @@ from safetensors.torch import save as st_save
 
 from protopnet.explain import ImageExplanation, top_indices
 from protopnet.faithfulness import Receipt, receipts
+from protopnet.familiarity import METHOD as FAMILIARITY_METHOD
 from protopnet.preprocess import input_region
 from service import render
 from service.cache import ExplanationCache
@@ -37,6 +38,7 @@ from service.registry import ForwardResult, ModelInput, ServedModel
 from service.schemas import (
     ClassScore,
     ExplainResponse,
+    FamiliarityAnswer,
     HeatmapMode,
     ImageInfo,
     ModelRef,
@@ -56,6 +58,7 @@ def explanation_id(
     top_classes: int,
     top_prototypes: int,
     max_side: int,
+    familiarity_percentile: float,
     faithfulness: bool = False,
 ) -> str:
     """Same image bytes, same model version, same options -> same id (the cache key)."""
@@ -68,6 +71,7 @@ def explanation_id(
         str(top_classes),
         str(top_prototypes),
         str(max_side),
+        f"familiar<{familiarity_percentile:g}",  # the threshold decides "familiar"
     ]
     if faithfulness:  # the ids of explanations without receipts stay as they were
         parts.append("receipts")
@@ -100,6 +104,34 @@ def image_info(decoded: DecodedImage, sha: str) -> ImageInfo:
     )
 
 
+NO_CALIBRATION = (
+    "this model version was published without a familiarity calibration, so the service "
+    "cannot tell whether the image looks like the training images; re-export it with "
+    "`python -m training export` (or import it with --images)"
+)
+
+
+def familiarity_answer(served: ServedModel, score: float | None, percentile: float) -> dict:
+    """The answer's ``FamiliarityAnswer`` as a plain dict; counts unfamiliar answers."""
+    fam, threshold = served.familiarity, served.familiarity_threshold
+    if fam is None or score is None or threshold is None:
+        return {
+            "familiar": None, "score": None, "percentile": None,
+            "threshold_percentile": percentile, "method": None, "reason": NO_CALIBRATION,
+        }  # fmt: skip
+    familiar = score >= threshold
+    if not familiar:
+        served.metrics.unfamiliar.labels(served.ref).inc()
+    return {
+        "familiar": familiar,
+        "score": score,
+        "percentile": fam.percentile(score),
+        "threshold_percentile": percentile,
+        "method": FAMILIARITY_METHOD,
+        "reason": None,
+    }
+
+
 def class_scores(
     logits: list[float], probs: list[float], indices: list[int], names: list[str]
 ) -> list[dict[str, Any]]:
@@ -115,6 +147,7 @@ def build_explanation(
     served: ServedModel,
     info: ImageInfo,
     expl_id: str,
+    familiarity: dict[str, Any],
     found: list[Receipt] | None = None,
 ) -> dict[str, Any]:
     """The JSON of one explanation (heatmaps as URLs under no prefix: ``with_root``) from
@@ -227,6 +260,7 @@ def build_explanation(
         "scoring_sheets": sheets,
         "top_prototypes": top_protos,
         "prototypes": shown,
+        "familiarity": familiarity,
         "heatmaps": "url",
         "links": {"self": base, "boxes": f"{base}/boxes.png", "report": f"{base}/report"},
     }
@@ -326,9 +360,11 @@ class ExplanationService:
         """(explanation JSON with heatmap URLs, whether it was already made: cached, or
         being made for an identical request)."""
         sha = await self.run(sha256_hex, data) if len(data) > 1 << 20 else sha256_hex(data)
+        s = self.settings
         eid = explanation_id(
-            sha, served, top_classes, top_prototypes, self.settings.max_map_side, faithfulness
-        )
+            sha, served, top_classes, top_prototypes, s.max_map_side,
+            s.familiarity_percentile, faithfulness,
+        )  # fmt: skip
         cached = await self.cache.get(eid, "json", count=True)
         if cached is not None:
             return cached, True
@@ -370,7 +406,7 @@ class ExplanationService:
                     sha, exp.latent_peaks[shown],
                 )
             )  # fmt: skip
-            fields = await self.run(self._fields, served, decoded, sha, eid, exp, found)
+            fields = await self.run(self._fields, served, decoded, sha, eid, exp, fwd, found)
         return await self.cache.put_first(eid, fields)
 
     def _finish(
@@ -384,7 +420,7 @@ class ExplanationService:
     ) -> dict[str, bytes]:
         """Post-forward work for one image, on a worker: its explanation (on the CPU: the
         maps and boxes; on a GPU the batch made them), JSON and cache blobs."""
-        return self._fields(served, decoded, sha, eid, served.explanation(fwd, request))
+        return self._fields(served, decoded, sha, eid, served.explanation(fwd, request), fwd)
 
     def _fields(
         self,
@@ -393,9 +429,13 @@ class ExplanationService:
         sha: str,
         eid: str,
         exp: ImageExplanation,
+        fwd: ForwardResult,
         found: list[Receipt] | None = None,
     ) -> dict[str, bytes]:
-        body = build_explanation(exp, served, image_info(decoded, sha), eid, found)
+        familiarity = familiarity_answer(
+            served, fwd.familiarity, self.settings.familiarity_percentile
+        )
+        body = build_explanation(exp, served, image_info(decoded, sha), eid, familiarity, found)
         fields = {
             "json": orjson.dumps(body),
             "render": render.pack_render(exp, served.preprocessing, decoded.display),
@@ -445,6 +485,9 @@ class ExplanationService:
             image=image_info(decoded, sha),
             prediction=Prediction(**scores[0]),
             top_classes=[ClassScore(**c) for c in scores],
+            familiarity=FamiliarityAnswer(
+                **familiarity_answer(served, fwd.familiarity, self.settings.familiarity_percentile)
+            ),
         )
 
     # -- PNGs -------------------------------------------------------------------------

@@ -65,6 +65,13 @@ class Metrics:
         self.redis_up = Gauge(
             "protopnet_redis_up", "1 when Redis answers, 0 when degraded", registry=r
         )
+        self.unfamiliar = Counter(
+            "protopnet_unfamiliar_answers_total",
+            "Images answered as unfamiliar: below the familiarity threshold (a cached "
+            "repeat of an explanation is not counted again)",
+            ["model"],
+            registry=r,
+        )
         self.rejected = Counter(
             "protopnet_rejected_total", "Requests refused because a queue was full", registry=r
         )

@@ -32,6 +32,7 @@ from protokit.devices import pick_device
 from protokit.threads import use_torch_threads
 from protopnet.config import Preprocessing
 from protopnet.explain import ImageExplanation, PrototypeExplainer
+from protopnet.familiarity import Familiarity, FamiliarityScorer
 from protopnet.model import ProtoPNet
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
@@ -87,6 +88,7 @@ class ForwardResult:
     explanation: ImageExplanation | None = None  # made on the GPU
     min_distances: torch.Tensor | None = None  # (P,)
     sim_maps: torch.Tensor | None = None  # (P, H', W') similarity maps before pooling
+    familiarity: float | None = None  # the image's familiarity score (None: uncalibrated)
 
 
 def settle_heap() -> None:
@@ -105,22 +107,30 @@ def settle_heap() -> None:
 
 @torch.inference_mode()
 def forward_batch(
-    model: ProtoPNet, explainer: PrototypeExplainer, rt: Runtime, inputs: list[ModelInput]
+    model: ProtoPNet,
+    explainer: PrototypeExplainer,
+    scorer: FamiliarityScorer | None,
+    rt: Runtime,
+    inputs: list[ModelInput],
 ) -> list[ForwardResult]:
-    """B inputs -> B results: the forward, and on a GPU the explanations. Runs on the
-    model thread only."""
+    """B inputs -> B results: the forward, the familiarity scores, and on a GPU the
+    explanations. Runs on the model thread only."""
     x = torch.stack([i.x for i in inputs])
     x = x.to(rt.device, memory_format=rt.memory_format, non_blocking=True)
     out = model.forward_full(x)
+    B = len(inputs)
+    fam: list[float | None] = (
+        [None] * B if scorer is None else scorer.scores(out.features).float().cpu().tolist()
+    )
     wanted = [b for b, i in enumerate(inputs) if i.image_size is not None]
     if rt.device.type == "cpu" or not wanted:
         # On the CPU the maps leave the model thread; the pool explains each image.
         logits = out.logits.float().cpu()
         if not wanted:
-            return [ForwardResult(logits[b]) for b in range(len(inputs))]
+            return [ForwardResult(logits[b], familiarity=fam[b]) for b in range(B)]
         sims = model.similarity(out.distances).float().cpu()  # (B, P, H', W')
         min_d = out.min_distances.float().cpu()
-        return [ForwardResult(logits[b], None, min_d[b], sims[b]) for b in range(len(inputs))]
+        return [ForwardResult(logits[b], None, min_d[b], sims[b], fam[b]) for b in range(B)]
     logits = out.logits.float().to("cpu", non_blocking=True)  # synchronised below
     rows = torch.tensor(wanted, device=rt.device)
     exps = explainer.explain_maps(
@@ -132,7 +142,7 @@ def forward_batch(
         [inputs[b].top_prototypes for b in wanted],
     )
     by_row = dict(zip(wanted, exps, strict=True))
-    return [ForwardResult(logits[b], by_row.get(b)) for b in range(len(inputs))]
+    return [ForwardResult(logits[b], by_row.get(b), familiarity=fam[b]) for b in range(B)]
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,8 @@ class ServedModel:
     batcher: MicroBatcher[ModelInput, ForwardResult]
     runtime: Runtime
     metrics: Metrics
+    familiarity: Familiarity | None  # None: the version was published uncalibrated
+    familiarity_threshold: float | None  # scores below it are unfamiliar
 
     @property
     def name(self) -> str:
@@ -227,6 +239,8 @@ def load_served(
         model, loaded.manifest.preprocessing, settings.max_map_side, frozen=True
     )
     ref = loaded.ref
+    familiarity = loaded.familiarity()
+    scorer = None if familiarity is None else familiarity.scorer(runtime.device)
 
     def on_batch(n: int, dt: float) -> None:
         metrics.batch_size.labels(ref).observe(n)
@@ -235,7 +249,7 @@ def load_served(
 
     batcher: MicroBatcher[ModelInput, ForwardResult] = MicroBatcher(
         ref,
-        functools.partial(forward_batch, model, explainer, runtime),
+        functools.partial(forward_batch, model, explainer, scorer, runtime),
         max_batch=settings.max_batch,
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue=settings.max_queue,
@@ -251,6 +265,10 @@ def load_served(
         batcher=batcher,
         runtime=runtime,
         metrics=metrics,
+        familiarity=familiarity,
+        familiarity_threshold=None
+        if familiarity is None
+        else familiarity.threshold(settings.familiarity_percentile),
     )
 
 

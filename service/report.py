@@ -160,6 +160,7 @@ def render_report(
         model=resp.model,
         image=resp.image,
         prediction=resp.prediction,
+        familiarity=resp.familiarity,
         runner_up=runner_up,
         missing_runner_up=runner_up is None,
         sheets=sheets,

@@ -133,6 +133,29 @@ class FaithfulnessReceipt(BaseModel):
     )
 
 
+class FamiliarityAnswer(BaseModel):
+    """Whether the image looks like what the model learned from
+    (``protopnet.familiarity``): if not, do not rely on the answer."""
+
+    familiar: bool | None = Field(
+        description="false: nothing in this image looks like the training images, do not "
+        "rely on the answer; null: this model version has no familiarity calibration"
+    )
+    score: float | None = Field(
+        description="minus the Mahalanobis distance of the image's mean latent features to "
+        "the nearest class's training mean: higher is more familiar"
+    )
+    percentile: float | None = Field(
+        description="share of the calibration (validation) images, in percent, that scored "
+        "at most this"
+    )
+    threshold_percentile: float = Field(
+        description="answers below this percentile are unfamiliar (a service setting)"
+    )
+    method: str | None = Field(description="how the score is computed, e.g. latent-mahalanobis")
+    reason: str | None = Field(description="why familiar is null, when it is")
+
+
 class ShownPrototype(BaseModel):
     """A prototype that appears in the explanation, with where it fired on the image."""
 
@@ -171,6 +194,7 @@ class ExplainResponse(BaseModel):
     scoring_sheets: list[ScoringSheet]
     top_prototypes: list[TopPrototype]
     prototypes: list[ShownPrototype]
+    familiarity: FamiliarityAnswer
     heatmaps: HeatmapMode = "url"
     links: ExplanationLinks
 
@@ -182,6 +206,7 @@ class PredictResponse(BaseModel):
     image: ImageInfo
     prediction: Prediction
     top_classes: list[ClassScore]
+    familiarity: FamiliarityAnswer
 
 
 # -- models ---------------------------------------------------------------------------
@@ -219,6 +244,10 @@ class ModelDetail(BaseModel):
     accuracy: float | None = Field(default=None, description="test accuracy, else validation")
     created_at: str
     source: str
+    familiarity: dict | None = Field(
+        default=None,
+        description="how the familiarity score was fitted and calibrated; null: uncalibrated",
+    )
 
 
 class PrototypeInfo(BaseModel):

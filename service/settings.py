@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     max_top_classes: int = Field(default=50, ge=1)
     max_top_prototypes: int = Field(default=200, ge=1)
     report_rows: int = Field(default=10, ge=1)  # rows per class on the report page
+    # An answer is unfamiliar when its familiarity score is below this percentile of the
+    # validation images' (so about this share of images like the training data's are
+    # called unfamiliar; see protopnet/familiarity.py).
+    familiarity_percentile: float = Field(default=1.0, ge=0.0, le=100.0)
 
     # -- limits ---------------------------------------------------------------------
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)  # 10 MiB

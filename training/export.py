@@ -6,17 +6,28 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from model_store import Manifest, ModelStore
 from protokit.devices import pick_device
-from protopnet.errors import ProtoPNetError
+from protopnet import familiarity
+from protopnet.config import Preprocessing
+from protopnet.errors import ProtoPNetError, ShapeError
+from protopnet.model import ProtoPNet
 from training import engine
-from training.data import build_splits
+from training.config import RunConfig
+from training.data import Splits, build_splits, stratified_order
 from training.push import render_visuals
 from training.run import eval_loader, metrics_from_test, read_checkpoint
 
 
 class ExportError(ProtoPNetError):
     """A checkpoint that cannot be published (e.g. never pushed)."""
+
+
+# Training images the familiarity score's means and covariance are fitted on (a
+# stratified sample; the demo's 18000 take 9 s on 2 cores, so larger sets are sampled).
+FAMILIARITY_FIT_IMAGES = 10_000
 
 
 def export_run(
@@ -50,8 +61,8 @@ def export_run(
         else None
     )
     metrics = _metrics(run_dir, tag, ck.meta)
+    device = pick_device(cfg.train.device, "train.device")
     if metrics.get("test_per_class") is None:  # not measured by the run: measure it now
-        device = pick_device(cfg.train.device, "train.device")
         evaluated = engine.evaluate(
             ck.model.to(device),
             eval_loader(splits.test, ck.preprocessing, cfg),
@@ -60,7 +71,8 @@ def export_run(
             confusion=True,
         )
         metrics.update(metrics_from_test(evaluated, ck.class_names))
-        ck.model.cpu()
+    fam = calibrate_familiarity(ck.model.to(device), splits, ck.preprocessing, cfg, device)
+    ck.model.cpu()
     store = ModelStore(store_root if store_root is not None else cfg.export.store)
     return store.publish(
         name or cfg.export.name or cfg.name,
@@ -73,7 +85,42 @@ def export_run(
         training_config={**cfg.to_plain(), "checkpoint": tag, "run_dir": str(run_dir)},
         metrics=metrics,
         aliases=tuple(aliases if aliases is not None else cfg.export.aliases),
+        familiarity=fam,
     )
+
+
+def calibrate_familiarity(
+    model: ProtoPNet, splits: Splits, prep: Preprocessing, cfg: RunConfig, device: torch.device
+) -> familiarity.Familiarity | None:
+    """Fit the familiarity score on (a stratified sample of) the training split and
+    calibrate it on the validation split (the test split when there is none). None, with
+    the reason printed, when the split is too small to fit it: the version is published
+    without familiarity and the service answers ``familiar: null``."""
+    train = splits.train
+    order = stratified_order(train.labels, cfg.train.seed)[:FAMILIARITY_FIT_IMAGES]
+    train = train.subset(sorted(order))
+    held, held_name = (
+        (splits.val, "validation split") if len(splits.val) else (splits.test, "test split")
+    )
+    model.eval()
+    fit_x = familiarity.pooled_features(
+        model, (x for x, _, _ in eval_loader(train, prep, cfg)), device
+    )
+    held_x = familiarity.pooled_features(
+        model, (x for x, _, _ in eval_loader(held, prep, cfg)), device
+    )
+    try:
+        return familiarity.fit(
+            fit_x,
+            torch.tensor(train.labels),
+            len(splits.class_names),
+            held_x,
+            fitted_on="training split",
+            calibrated_on=held_name,
+        )
+    except ShapeError as exc:
+        print(f"published without a familiarity score: {exc}", flush=True)
+        return None
 
 
 def _metrics(run_dir: Path, tag: str, meta: dict[str, Any]) -> dict[str, Any]:

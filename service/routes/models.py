@@ -74,6 +74,7 @@ async def get_model(name: ModelPath, registry: RegistryDep) -> ModelDetail:
         accuracy=accuracy,
         created_at=m.created_at.isoformat(),
         source=m.source,
+        familiarity=None if m.familiarity is None else m.familiarity.model_dump(mode="json"),
     )
 
 

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from model_store import ModelStore, PrototypeRecord, PrototypeVisuals
+from protopnet import familiarity
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.explain import percentile_boxes, upsample_maps
+from protopnet.familiarity import Familiarity
 from protopnet.model import ProtoPNet, create_model
 from protopnet.visualize import crop, draw_boxes, overlay
 
@@ -110,11 +112,21 @@ def prototype_artifacts(model: ProtoPNet, with_images: bool = True) -> dict[str,
     }
 
 
+def tiny_familiarity(model: ProtoPNet, seed: int = 0) -> Familiarity:
+    """A familiarity score fitted on random vectors of the model's latent depth."""
+    g = torch.Generator().manual_seed(seed)
+    D, K = model.config.prototype_depth, model.num_classes
+    x = torch.randn(40, D, generator=g)
+    return familiarity.fit(x, torch.arange(40) % K, K, torch.randn(10, D, generator=g))
+
+
 def publish_tiny(
     store: ModelStore, name: str = "tiny", seed: int = 0, with_images: bool = True, **kw: Any
 ) -> tuple[ProtoPNet, Any]:
     model = tiny_model(seed)
     args = prototype_artifacts(model, with_images=with_images)
+    if with_images:
+        args["familiarity"] = tiny_familiarity(model, seed)
     args.update(kw)
     manifest = store.publish(name, model, **args)
     return model, manifest

@@ -131,14 +131,14 @@ def test_verify_reports_the_tampered_file(
 ) -> None:
     root = str(two_versions.root)
     assert main(["--root", root, "verify"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["ok tiny@1 (22 files)", "ok tiny@2 (22 files)"]
+    assert capsys.readouterr().out.splitlines() == ["ok tiny@1 (23 files)", "ok tiny@2 (23 files)"]
     png = two_versions.root / "tiny" / "2" / "prototypes" / "2_patch.png"
     data = bytearray(png.read_bytes())
     data[-20] ^= 0xFF
     png.write_bytes(bytes(data))
     assert main(["--root", root, "verify"]) == 1
     captured = capsys.readouterr()
-    assert captured.out.strip() == "ok tiny@1 (22 files)"
+    assert captured.out.strip() == "ok tiny@1 (23 files)"
     assert f"FAILED tiny@2: {png}: changed or truncated after publishing" in captured.err
 
 
@@ -157,6 +157,7 @@ def test_import_reference_from_the_command_line(
     assert r.stdout.splitlines() == [
         f"imported {state} as ref@1 (6 prototypes)",
         "  6 of 6 prototypes have no pictures (no --images folder given): [0, 1, 2, 3, 4, 5]",
+        "  no familiarity score (answers say familiar: null): no image folder given (--images)",
     ]
     argv = ["--root", root, "import-reference", str(whole), "--name", "ref", *common, "--quiet"]
     assert main(argv) == 1

@@ -291,3 +291,48 @@ def test_unknown_class_folder_names_the_valid_classes(store: ModelStore, tmp_pat
             store, path, "p", backbone="tiny_cnn", class_names=list("abc"), img_size=IMG,
             images_dir=images,
         )  # fmt: skip
+
+
+def test_an_import_with_images_calibrates_familiarity_on_held_out_ones(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    from skimage import data
+
+    source = tiny_model(seed=7)
+    path = _save(source, tmp_path / "ref.pth", "pth")
+    images = tmp_path / "train"
+    rng = np.random.default_rng(0)
+    for cls, photo in {"a": data.chelsea(), "b": data.coffee(), "c": data.astronaut()}.items():
+        (images / cls).mkdir(parents=True)
+        for i in range(10):
+            y, x = (int(v) for v in rng.integers(0, 200, 2))
+            Image.fromarray(photo[y : y + 60, x : x + 60]).save(images / cls / f"{i:02d}.png")
+    result = import_reference(
+        store, path, "fam", backbone="tiny_cnn", img_size=IMG, images_dir=images
+    )
+    assert result.familiarity_skipped is None
+    info = result.manifest.familiarity
+    assert info is not None and info.fitted_images == 24 and info.calibration_images == 6
+    fam = store.load("fam").familiarity()
+    assert fam is not None
+    # Brute force: the held-out images are every 5th of the sorted folder listing.
+    files = sorted(images.glob("*/*.png"))
+    prep = result.manifest.preprocessing
+    held = torch.stack([eval_transform(prep)(Image.open(f)) for f in files[4::5]])
+    with torch.no_grad():
+        want = fam.scorer().scores(source.conv_features(held)).sort().values.float()
+    assert torch.allclose(fam.validation_scores, want, atol=1e-4)
+
+
+def test_an_import_with_too_few_images_says_why_it_has_no_familiarity(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    path = _save(tiny_model(seed=6), tmp_path / "ref.pth", "pth")
+    _photo_folder(tmp_path / "train")
+    result = import_reference(
+        store, path, "few", backbone="tiny_cnn", img_size=IMG, images_dir=tmp_path / "train"
+    )
+    assert result.manifest.familiarity is None
+    assert (
+        result.familiarity_skipped is not None and "need more than 8" in result.familiarity_skipped
+    )

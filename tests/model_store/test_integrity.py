@@ -14,6 +14,7 @@ from .conftest import publish_tiny
 
 FILES = [
     "weights.safetensors",
+    "familiarity.safetensors",
     "prototypes/activations.safetensors",
     "prototypes/0_patch.png",
     "prototypes/3_source.png",

@@ -290,7 +290,7 @@ def test_predict_matches_explain(client, store_root, photo_images) -> None:
     pred = client.post("/predict", content=data, headers={"Content-Type": "image/png"})
     assert pred.status_code == 200, pred.text
     p = pred.json()
-    assert set(p) == {"model", "image", "prediction", "top_classes"}
+    assert set(p) == {"model", "image", "prediction", "top_classes", "familiarity"}
     ref = reference(store_root, "photo@1", img)
     for c in p["top_classes"]:
         assert c["logit"] == pytest.approx(ref["logits"][c["class_index"]], abs=1e-3)
