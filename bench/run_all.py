@@ -43,6 +43,8 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
     # Trains two models for many epochs; a smoke-size run would only overwrite the real
     # figure with a meaningless one.
     "accuracy": ([], None),
+    # Needs the demo model in ./store (make demo publishes it) and reads no other.
+    "faithfulness": ([], None),
 }
 
 

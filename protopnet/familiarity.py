@@ -10,15 +10,16 @@ percentile is the share of validation images that scored at most as high, and an
 is unfamiliar below a percentile the service sets (default 1: one validation image in a
 hundred is called unfamiliar).
 
-Why this score (``bench/faithfulness.py``, the demo model, Fashion-MNIST test against
-digits, photo crops, faces and noise): its AUROC is 0.99, where the obvious scores that
-a ProtoPNet gives for free do worse, the top logit 0.94, the answered class's best own
-prototype similarity 0.83 and the best similarity of any prototype 0.83 (digits: 0.68).
-Prototype similarities only say how close the single best patch is, and dark, flat
-Fashion-MNIST background patches are close to a digit's; the pooled features see the
-whole image. A k-nearest-neighbour distance on the similarity vectors came second (0.97)
-and needs the training vectors kept beside the model; this needs a (K, D) mean and a
-(D, D) matrix.
+Why this score (``bench/faithfulness.py``, the demo model, 3000 Fashion-MNIST test
+images against digits, photo crops, faces and noise): its AUROC is 0.998, where the
+obvious scores that a ProtoPNet gives for free do worse: the top logit 0.95, the best
+similarity of any prototype 0.86 and the answered class's best own prototype similarity
+0.86 (on digits 0.71 and 0.76). Prototype similarities only say how close the single
+best patch is, and dark, flat Fashion-MNIST background patches are close to a digit's;
+the pooled features see the whole image. A k-nearest-neighbour distance between
+similarity vectors came second (0.975) and needs the training vectors kept beside the
+model; this needs a (K, D) mean and a (D, D) matrix. At the 1st percentile it calls
+0.9 % of the test images unfamiliar, 76 % of the digits and 97-100 % of the rest.
 
 Shapes: B images, D latent channels, K classes, M calibration images.
 """

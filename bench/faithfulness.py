@@ -1,0 +1,156 @@
+"""Can a reader trust the explanation? The familiarity score's separation of in- and
+out-of-distribution images, beside the scores a ProtoPNet gives for free, and the
+in-distribution abstention rate against the calibrated one.
+
+    python -m bench.faithfulness [--store store] [--model fashion-mnist@production]
+
+Needs the demo model (``make demo`` publishes it) and Fashion-MNIST. In: 3000
+Fashion-MNIST test images. Out: scikit-learn's digits, crops of scikit-image's
+photographs, its LFW faces and noise (``tests/support/ood.py``). Baselines, all from the
+same forward: the top logit, the top probability, the best similarity of any prototype,
+the answered class's best own prototype similarity, and a k-nearest-neighbour distance
+(k = 10) between L2-normalised similarity vectors and 5000 training images'. Writes
+bench/results/faithfulness.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import device_name, p50, seconds_of, write_result
+from model_store import ModelStore
+from protokit.threads import use_torch_threads
+from protopnet import familiarity
+from protopnet.model import ProtoPNetOutput
+from protopnet.preprocess import eval_transform, to_model_mode
+from tests.support import ood
+from training.config import load_config
+from training.data import build_splits
+
+
+def _outputs(model: Any, prep: Any, images: list[Image.Image]) -> ProtoPNetOutput:
+    tf = eval_transform(prep)
+    x = torch.stack([tf(to_model_mode(im, prep)) for im in images])
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x), 500):
+            outs.append(model.forward_full(x[i : i + 500]))
+    return ProtoPNetOutput(
+        logits=torch.cat([o.logits for o in outs]),
+        min_distances=torch.cat([o.min_distances for o in outs]),
+        distances=torch.cat([o.distances for o in outs]),
+        features=torch.cat([o.features for o in outs]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", default="store")
+    p.add_argument("--model", default="fashion-mnist@production")
+    args = p.parse_args(argv)
+    use_torch_threads(2)
+    loaded = ModelStore(args.store).load(args.model)
+    fam = loaded.familiarity()
+    if fam is None:
+        raise SystemExit(f"{args.model} has no familiarity calibration: re-export it")
+    model, prep = loaded.model.eval(), loaded.manifest.preprocessing
+    cfg = load_config("fashion_mnist")
+    splits = build_splits(cfg.data, cfg.train.seed)
+    rng = np.random.default_rng(0)
+
+    def sample(images: Any, n: int) -> list[Image.Image]:
+        idx = rng.choice(len(images), min(n, len(images)), replace=False)
+        return [images.load(int(i)) for i in sorted(idx)]
+
+    bank = _outputs(model, prep, sample(splits.train, 5000))
+    inside = _outputs(model, prep, sample(splits.test, 3000))
+    outside = {k: _outputs(model, prep, v) for k, v in ood.all_sets().items()}
+    classes = model.prototype_class_identity.argmax(dim=1)
+    scorer = fam.scorer()
+
+    def own_best(o: ProtoPNetOutput) -> torch.Tensor:
+        s = model.similarity(o.min_distances)
+        mine = classes[None, :] == o.logits.argmax(dim=1)[:, None]
+        return s.masked_fill(~mine, -torch.inf).amax(dim=1)
+
+    bank_v = torch.nn.functional.normalize(model.similarity(bank.min_distances), dim=1)
+
+    def knn(o: ProtoPNetOutput) -> torch.Tensor:
+        q = torch.nn.functional.normalize(model.similarity(o.min_distances), dim=1)
+        return -torch.cdist(q, bank_v).topk(10, largest=False).values[:, -1]
+
+    scores: dict[str, Callable[[ProtoPNetOutput], torch.Tensor]] = {
+        "familiarity (latent-mahalanobis)": lambda o: scorer.scores(o.features),
+        "top_logit": lambda o: o.logits.amax(dim=1),
+        "top_probability": lambda o: o.logits.softmax(dim=1).amax(dim=1),
+        "best_prototype_similarity": lambda o: model.similarity(o.min_distances).amax(dim=1),
+        "answered_class_best_own_similarity": own_best,
+        "knn_similarity_vectors": knn,
+    }
+    auroc: dict[str, dict[str, float]] = {}
+    for name, fn in scores.items():
+        i = fn(inside).double().numpy()
+        per = {k: ood.auroc(i, fn(o).double().numpy()) for k, o in outside.items()}
+        per["all"] = ood.auroc(
+            i, np.concatenate([fn(o).double().numpy() for o in outside.values()])
+        )
+        auroc[name] = {k: round(v, 4) for k, v in per.items()}
+        print(f"{name:36s} " + " ".join(f"{k}={v:.3f}" for k, v in per.items()))
+    threshold = fam.threshold(1.0)
+    fam_in = scorer.scores(inside.features).numpy()
+    abstain_in = float((fam_in < threshold).mean())
+    abstain_out = {
+        k: round(float((scorer.scores(o.features).numpy() < threshold).mean()), 4)
+        for k, o in outside.items()
+    }
+    print(f"abstention at the 1st percentile: in {abstain_in:.4f}; out {abstain_out}")
+    # The score's cost on the request path: a batch of 16, beside the demo's forward of
+    # it, and at CUB scale (200 classes, 128 channels, a 7 x 7 grid).
+    x16 = torch.stack(
+        [eval_transform(prep)(to_model_mode(im, prep)) for im in sample(splits.test, 16)]
+    )
+    with torch.no_grad():
+        forward_s = p50([seconds_of(lambda: model.forward_full(x16)) for _ in range(50)])
+        z16 = model.forward_full(x16).features
+        score_s = p50([seconds_of(lambda: scorer.scores(z16)) for _ in range(50)])
+        g = torch.Generator().manual_seed(0)
+        big = familiarity.fit(
+            torch.randn(2000, 128, generator=g), torch.arange(2000) % 200, 200,
+            torch.randn(100, 128, generator=g),
+        ).scorer()  # fmt: skip
+        zc = torch.randn(16, 128, 7, 7, generator=g)
+        cub_s = p50([seconds_of(lambda: big.scores(zc)) for _ in range(50)])
+    cost = {
+        "demo_forward_batch16_ms": round(forward_s * 1e3, 3),
+        "demo_score_batch16_ms": round(score_s * 1e3, 3),
+        "demo_score_over_forward": round(score_s / forward_s, 4),
+        "cub_scale_score_batch16_ms": round(cub_s * 1e3, 3),
+    }
+    print(f"familiarity cost: {cost}")
+    path = write_result(
+        "faithfulness",
+        {
+            "device": device_name(torch.device("cpu")),
+            "model": loaded.ref,
+            "in_images": len(fam_in),
+            "out_images": {k: int(o.logits.shape[0]) for k, o in outside.items()},
+            "ood_auroc": auroc["familiarity (latent-mahalanobis)"]["all"],
+            "ood_auroc_by_score": auroc,
+            "calibrated_percentile": 1.0,
+            "abstention_rate_in": round(abstain_in, 4),
+            "abstention_rate_out": abstain_out,
+            "familiarity_cost": cost,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
