@@ -87,17 +87,19 @@ def upsampled_input_maps(
 
 
 class SmoothGrad:
-    """SmoothGrad (Smilkov et al. 2017) of prototype similarity scores.
+    """SmoothGrad (Smilkov et al. 2017) of prototype similarity scores, through captum:
+    ``NoiseTunnel`` over ``Saliency`` of the prototype's log similarity at one cell.
 
     For prototype j read at latent cell (h, w), the map is the mean over ``samples`` noisy
-    copies x + e, e ~ N(0, sigma^2), of |d sim_j(h, w) / d x| summed over colour channels.
+    copies x + e, e ~ N(0, sigma^2), of |d sim_j(h, w) / d x|, summed over colour channels.
     sigma = ``noise`` x (max - min of the input), as in the SmoothGrad paper. The cell is
     the prototype's closest patch on the clean image unless given, so the map explains the
-    same number as the scoring sheet. Every prototype sees the same noise draws (seeded),
-    so maps of one image are comparable and reproducible.
+    same number as the scoring sheet. Every prototype sees the same noise draws (captum
+    draws from torch's global generator; it is seeded with ``seed`` in a forked RNG state
+    for each prototype, so the caller's random state is untouched), so maps of one image
+    are comparable and reproducible.
 
-    Cost: N x samples forward and backward passes, in batches of ``batch_size``. Not for
-    the default request path.
+    Cost: N x samples forward and backward passes, ``batch_size`` noisy copies at a time.
     """
 
     def __init__(
@@ -120,12 +122,6 @@ class SmoothGrad:
         self.batch_size = batch_size
         self.seed = seed
 
-    def noise_draws(self, image: torch.Tensor) -> torch.Tensor:
-        """(samples, 3, S, S) noise, the same on every call for the same image shape."""
-        gen = torch.Generator().manual_seed(self.seed)
-        sigma = self.noise * float(image.max() - image.min())
-        return torch.randn((self.samples, *image.shape[-3:]), generator=gen) * sigma
-
     def attribute(
         self,
         image: torch.Tensor,
@@ -134,32 +130,38 @@ class SmoothGrad:
     ) -> torch.Tensor:
         """image: (3, S, S) preprocessed; locations: (N, 2) latent (h, w) or None.
         Returns (N, S, S) float maps on the CPU (>= 0)."""
-        x = _check_inputs(self.model, image, prototypes)
-        protos = torch.tensor([int(j) for j in prototypes], dtype=torch.long)
-        N, n = len(protos), self.samples
-        with _eval_mode(self.model):
+        from captum.attr import NoiseTunnel, Saliency
+
+        model = self.model
+        x = _check_inputs(model, image, prototypes)
+        protos = [int(j) for j in prototypes]
+        sigma = self.noise * float(x.max() - x.min())
+        maps = torch.zeros((len(protos), x.shape[2], x.shape[3]))
+        devices = [x.device] if x.device.type == "cuda" else []
+        with _eval_mode(model):
             if locations is None:
                 with torch.no_grad():
-                    d = self.model.distances(self.model.conv_features(x))[0]  # (P, H', W')
-                locations = _argmin_hw(d[protos.to(d.device)])
-            locations = locations.to(torch.long).cpu()  # (N, 2)
-            noisy = x + self.noise_draws(x).to(x.device)  # (n, 3, S, S)
-            # Row r of the flattened (N * n) work list: prototype r // n, noise draw r % n.
-            grads = torch.zeros((N * n, x.shape[2], x.shape[3]))
-            for start in range(0, N * n, self.batch_size):
-                rows = torch.arange(start, min(start + self.batch_size, N * n))
-                which, draw = rows // n, rows % n
-                batch = noisy[draw.to(x.device)].detach().requires_grad_(True)  # (b, 3, S, S)
-                with torch.enable_grad():
-                    d = self.model.distances(self.model.conv_features(batch))  # (b, P, H', W')
-                    j = protos[which].to(d.device)
-                    h, w = (locations[which, k].to(d.device) for k in (0, 1))
-                    picked = d[torch.arange(len(rows), device=d.device), j, h, w]  # (b,)
-                    score = _log_similarity(self.model, picked).sum()
-                    # autograd.grad, not backward: parameters' .grad stay untouched.
-                    (g,) = torch.autograd.grad(score, batch)  # (b, 3, S, S)
-                grads[rows] = g.abs().sum(dim=1).float().cpu()
-        return grads.view(N, n, x.shape[2], x.shape[3]).mean(dim=1)
+                    d = model.distances(model.conv_features(x))[0]  # (P, H', W')
+                locations = _argmin_hw(d[torch.tensor(protos, device=d.device)])
+            cells = locations.to(torch.long).cpu().tolist()  # (N, 2)
+            for i, (j, (h, w)) in enumerate(zip(protos, cells, strict=True)):
+
+                def similarity(batch: torch.Tensor, j: int = j, h: int = h, w: int = w):
+                    d = model.distances(model.conv_features(batch))[:, j, h, w]  # (b,)
+                    return _log_similarity(model, d)
+
+                tunnel = NoiseTunnel(Saliency(similarity))
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(self.seed)
+                    grads = tunnel.attribute(
+                        x,
+                        nt_type="smoothgrad",
+                        nt_samples=self.samples,
+                        nt_samples_batch_size=self.batch_size,
+                        stdevs=sigma,
+                    )  # (1, 3, S, S): the mean over the noisy copies of |gradient|
+                maps[i] = grads[0].abs().sum(dim=0).float().cpu()
+        return maps
 
 
 def _argmin_hw(d: torch.Tensor) -> torch.Tensor:

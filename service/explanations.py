@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from protopnet.explain import ImageExplanation, top_indices
-from protopnet.faithfulness import Receipt, receipts
+from protopnet.explain import ImageExplanation, source_boxes, top_indices
+from protopnet.faithfulness import Receipt, SmoothGrad, receipts
 from protopnet.familiarity import METHOD as FAMILIARITY_METHOD
 from protopnet.preprocess import input_region
 from service import render
@@ -308,6 +308,23 @@ def box_receipts(
     return receipts(served.model, x, prototypes, on_input, cells, seed=int(sha[:15], 16))
 
 
+def method_map(served: ServedModel, x: torch.Tensor, prototype: int, method: str) -> torch.Tensor:
+    """(S, S) map of ``prototype`` on the model input ``x`` by ``method``: SmoothGrad's
+    (16 noisy copies, noise 0.15 of the input's range, seed 0), at the prototype's best
+    cell on the clean input. On the model thread."""
+    if method != "smoothgrad":
+        raise ValueError(f"no on-demand map for method {method!r}")
+    return SmoothGrad(served.model).attribute(x.float().to(served.device), [prototype])[0]
+
+
+def method_box(rd: render.RenderData) -> tuple[int, int, int, int]:
+    """The 95th-percentile box of the one map in ``rd`` (an input-resolution map placed
+    on the upload like the paper's), in upload pixels."""
+    _, boxes = source_boxes(torch.from_numpy(rd.low_res), rd.image_size, rd.preprocessing)
+    x0, y0, x1, y1 = (int(v) for v in boxes[0].tolist())
+    return x0, y0, x1, y1
+
+
 def pack_input(x: torch.Tensor) -> bytes:
     """The preprocessed model input (3, S, S), kept with an explanation in float16 (300
     KB at 224 px against 600 KB in float32; a receipt made from it later moves by float16
@@ -512,6 +529,39 @@ class ExplanationService:
 
     async def heatmap(self, eid: str, prototype: int, style: str, size: str = "display") -> bytes:
         return (await self.heatmaps(eid, [prototype], style, size))[0]
+
+    async def method_heatmap(
+        self, served: ServedModel, eid: str, prototype: int, method: str, style: str, size: str
+    ) -> tuple[bytes, tuple[int, int, int, int]]:
+        """One shown prototype's heatmap made by ``method`` (not the paper's upsampling),
+        and the 95th-percentile box of that map in upload pixels. The map is computed on
+        the model thread from the model input kept with the explanation, once; the map
+        and each PNG drawn from it are cached with the explanation."""
+        rd, image = await self.render_data(eid)
+        rd.index(prototype)  # 404 for a prototype the explanation does not show
+        suffix = "" if size == "display" else f":{size}"
+        png_field = f"png:{prototype}:{style}{suffix}:{method}"
+        map_field = f"map:{method}:{prototype}"
+        found = await self.cache.get_many(eid, [png_field, map_field])
+        if map_field in found:
+            m = st_load(found[map_field])["map"].float()
+        else:
+            blob = await self.cache.get(eid, "input")
+            if blob is None:
+                raise self._missing(eid)
+            x = await self.run(unpack_input, blob)
+            m = await served.batcher.on_thread(
+                functools.partial(method_map, served, x, prototype, method)
+            )
+            await self.cache.put(eid, {map_field: st_save({"map": m.half()})})
+            m = m.half().float()  # what the cache gives back next time
+        one = dataclasses.replace(rd, low_res=m.numpy()[None], shown=[prototype])
+        box = await self.run(method_box, one)
+        if png_field in found:
+            return found[png_field], box
+        png = await self.run(render.heatmap_png, one, image, prototype, style, size)
+        await self.cache.put(eid, {png_field: png})
+        return png, box
 
     async def heatmaps(
         self, eid: str, prototypes: list[int], style: str, size: str = "display"

@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 HeatmapMode = Literal["url", "inline", "none"]
 HeatmapStyle = Literal["overlay", "heatmap", "mask"]
 HeatmapSize = Literal["display", "upload"]
+# upsample: the paper's (the latent similarity map, bicubically upsampled); smoothgrad:
+# the gradient of the prototype's similarity with respect to the input, averaged over
+# noisy copies (captum), drawn on demand for one prototype.
+MapMethod = Literal["upsample", "smoothgrad"]
 ImageKind = Literal["patch", "source", "activation"]
 
 

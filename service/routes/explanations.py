@@ -28,6 +28,7 @@ from service.schemas import (
     HeatmapMode,
     HeatmapSize,
     HeatmapStyle,
+    MapMethod,
 )
 
 router = APIRouter(prefix="/explanations", tags=["explanations"], dependencies=[ApiKey])
@@ -71,21 +72,41 @@ async def get_heatmap(
     eid: IdPath,
     prototype: PrototypePath,
     svc: ExplanationsDep,
+    registry: RegistryDep,
     settings: SettingsDep,
     style: Annotated[HeatmapStyle, Query(description="overlay, heatmap or mask")] = "overlay",
     size: Annotated[
         HeatmapSize,
         Query(description="display (default, at most PROTOPNET_MAX_MAP_SIDE) or upload"),
     ] = "display",
+    method: Annotated[
+        MapMethod,
+        Query(
+            description="upsample (default): the paper's upsampled similarity map; "
+            "smoothgrad: the similarity's input gradient over noisy copies, made on demand"
+        ),
+    ] = "upsample",
 ) -> Response:
     """A prototype's activation map: ``overlay`` (JET over the image, the paper's blend),
     ``heatmap`` (RGBA, alpha = activation) or ``mask`` (white where the map is >= its
     95th percentile, whose bounding box is the JSON's box). ``size=upload`` draws
     ``heatmap`` or ``mask`` at the upload's own size (``image.oriented``), the pixels the
     JSON's boxes are in, to lay over the full-size picture. The headers
-    ``X-Heatmap-Width`` and ``X-Heatmap-Height`` give the PNG's size."""
-    png = await svc.heatmap(_check_id(eid), prototype, style, size)
+    ``X-Heatmap-Width`` and ``X-Heatmap-Height`` give the PNG's size, ``X-Heatmap-Method``
+    the method that made the map; for ``method=smoothgrad``, ``X-Heatmap-Box`` is that
+    map's own 95th-percentile box (x0,y0,x1,y1 in upload pixels; the JSON's box is the
+    upsampled map's)."""
+    _check_id(eid)
+    headers: dict[str, str] = {"X-Heatmap-Method": method}
+    if method == "upsample":
+        png = await svc.heatmap(eid, prototype, style, size)
+    else:
+        body = ExplainResponse.model_validate_json(await svc.stored_json(eid))
+        served = await registry.get(f"{body.model.name}@{body.model.version}")
+        png, box = await svc.method_heatmap(served, eid, prototype, method, style, size)
+        headers["X-Heatmap-Box"] = ",".join(str(v) for v in box)
     resp = _png(png, settings.cache_ttl_s)
+    resp.headers.update(headers)
     w, h = png_size(png)
     resp.headers["X-Heatmap-Width"], resp.headers["X-Heatmap-Height"] = str(w), str(h)
     return resp

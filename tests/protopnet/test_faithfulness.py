@@ -111,9 +111,12 @@ def test_smoothgrad_matches_per_sample_gradients(
     protos = [0, 2, 5]
     maps = sg.attribute(image, protos)
     assert maps.shape == (3, IMG, IMG) and float(maps.min()) >= 0.0
-    # Same noise, one image and one prototype at a time, summed by loops.
+    # Same noise (captum's draw: torch.normal from the global generator, seeded), one
+    # image and one prototype at a time, by autograd, summed by loops.
     sigma = 0.1 * float(image.max() - image.min())
-    noise = torch.randn((3, 3, IMG, IMG), generator=torch.Generator().manual_seed(7)) * sigma
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        noise = torch.normal(0, torch.tensor(sigma).repeat((3, 3, IMG, IMG)))
     with torch.no_grad():
         d_clean = model.forward_full(image[None]).distances[0]
     for i, j in enumerate(protos):

@@ -1,0 +1,77 @@
+"""method=smoothgrad on a heatmap through the real server: made on demand for that one
+prototype from the kept model input, the same map as SmoothGrad run by hand on the
+decoded image, its own box in the headers, cached, and a clear error for bad input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model_store import ModelStore
+from protopnet.explain import source_boxes
+from protopnet.faithfulness import SmoothGrad
+from protopnet.preprocess import eval_transform, to_model_mode
+from tests.service.corpus import encode
+from tests.service.helpers import post_image
+
+
+def _white_box(png: bytes) -> tuple[int, int, int, int]:
+    m = np.asarray(Image.open(io.BytesIO(png)))
+    ys, xs = np.nonzero(m)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_a_smoothgrad_heatmap_is_made_on_demand_with_its_own_box(
+    client, store_root: Path, photo_images
+) -> None:
+    img = photo_images["coffee"]
+    body = post_image(client, encode(img, "PNG"), top_prototypes=3).json()
+    j = body["prototypes"][0]["prototype"]
+    url = f"/explanations/{body['id']}/heatmaps/{j}.png"
+    plain = client.get(url, params={"style": "mask", "size": "upload"})
+    assert plain.headers["x-heatmap-method"] == "upsample"
+    r = client.get(url, params={"style": "mask", "size": "upload", "method": "smoothgrad"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-heatmap-method"] == "smoothgrad"
+    box = tuple(int(v) for v in r.headers["x-heatmap-box"].split(","))
+    assert r.content != plain.content
+    # The mask's white region is bounded by the header's box (the same map, placed twice).
+    got = _white_box(r.content)
+    assert all(abs(a - b) <= 1 for a, b in zip(got, box, strict=True)), (got, box)
+    # By hand: SmoothGrad on the decoded image, its map placed on the upload, its box.
+    loaded = ModelStore(store_root).load("photo@1")
+    prep = loaded.manifest.preprocessing
+    x = eval_transform(prep)(to_model_mode(img, prep))
+    m = SmoothGrad(loaded.model).attribute(x, [j])
+    _, want = source_boxes(m, img.size, prep)
+    assert all(abs(a - b) <= 2 for a, b in zip(box, want[0].tolist(), strict=True)), (box, want)
+    # Asked again: the cached picture and box.
+    again = client.get(url, params={"style": "mask", "size": "upload", "method": "smoothgrad"})
+    assert (
+        again.content == r.content and again.headers["x-heatmap-box"] == r.headers["x-heatmap-box"]
+    )
+    overlay = client.get(url, params={"method": "smoothgrad"})
+    assert (
+        overlay.status_code == 200
+        and overlay.headers["x-heatmap-box"] == r.headers["x-heatmap-box"]
+    )
+
+
+def test_bad_map_requests_say_what_is_wrong(client, photo_images) -> None:
+    body = post_image(client, encode(photo_images["cat"], "PNG"), top_prototypes=1, top_classes=1).json()
+    shown = {p["prototype"] for p in body["prototypes"]}
+    j = next(iter(shown))
+    r = client.get(f"/explanations/{body['id']}/heatmaps/{j}.png", params={"method": "gradcam"})
+    assert r.status_code == 422 and "method" in r.text and "smoothgrad" in r.text
+    other = next(k for k in range(9) if k not in shown)
+    r = client.get(
+        f"/explanations/{body['id']}/heatmaps/{other}.png", params={"method": "smoothgrad"}
+    )
+    assert (
+        r.status_code == 404
+        and "has no heatmap in this explanation" in r.json()["error"]["message"]
+    )
