@@ -8,7 +8,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from model_store import ModelStore
@@ -62,7 +61,9 @@ def test_a_smoothgrad_heatmap_is_made_on_demand_with_its_own_box(
 
 
 def test_bad_map_requests_say_what_is_wrong(client, photo_images) -> None:
-    body = post_image(client, encode(photo_images["cat"], "PNG"), top_prototypes=1, top_classes=1).json()
+    body = post_image(
+        client, encode(photo_images["cat"], "PNG"), top_prototypes=1, top_classes=1
+    ).json()
     shown = {p["prototype"] for p in body["prototypes"]}
     j = next(iter(shown))
     r = client.get(f"/explanations/{body['id']}/heatmaps/{j}.png", params={"method": "gradcam"})
