@@ -17,7 +17,7 @@ from service.cache import ExplanationCache
 from service.errors import BadOptionError, UnauthorizedError, validation_message
 from service.explanations import ExplanationService
 from service.registry import ModelRegistry
-from service.schemas import HeatmapMode
+from service.schemas import HeatmapMode, MapMethod
 from service.settings import Settings
 from service.uploads import Upload, read_upload
 
@@ -126,6 +126,11 @@ class ExplainOptions(PredictOptions):
         description="true: each shown box's deletion test against random boxes of its size "
         "(a receipt per row; one more forward per box and random box)",
     )
+    method: MapMethod | None = Field(
+        default=None,
+        description="how the shown prototypes' maps and boxes are made: upsample (default, "
+        "the paper's) or smoothgrad (the similarity's input gradient over 16 noisy copies)",
+    )
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class Options:
     top_prototypes: int
     heatmaps: HeatmapMode
     faithfulness: bool
+    method: MapMethod = "upsample"
 
 
 @functools.lru_cache(maxsize=32)
@@ -172,6 +178,7 @@ def resolve_options(
         top_prototypes=values.get("top_prototypes") or settings.default_top_prototypes,
         heatmaps=values.get("heatmaps") or "url",
         faithfulness=bool(values.get("faithfulness")),
+        method=values.get("method") or "upsample",
     )
     limits = (
         ("top_classes", values.get("top_classes"), settings.max_top_classes),

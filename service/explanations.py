@@ -60,6 +60,7 @@ def explanation_id(
     max_side: int,
     familiarity_percentile: float,
     faithfulness: bool = False,
+    method: str = "upsample",
 ) -> str:
     """Same image bytes, same model version, same options -> same id (the cache key)."""
     parts = [
@@ -75,6 +76,8 @@ def explanation_id(
     ]
     if faithfulness:  # the ids of explanations without receipts stay as they were
         parts.append("receipts")
+    if method != "upsample":
+        parts.append(f"method={method}")
     key = "|".join(parts)
     return hashlib.sha256(key.encode()).hexdigest()[:ID_LENGTH]
 
@@ -149,6 +152,7 @@ def build_explanation(
     expl_id: str,
     familiarity: dict[str, Any],
     found: list[Receipt] | None = None,
+    method: str = "upsample",
 ) -> dict[str, Any]:
     """The JSON of one explanation (heatmaps as URLs under no prefix: ``with_root``) from
     the explainer's output.
@@ -248,6 +252,7 @@ def build_explanation(
                     "source": pi + "source",
                     "activation": pi + "activation",
                 },
+                "map_method": method,
                 "receipt": receipt,
             }
         )
@@ -308,13 +313,35 @@ def box_receipts(
     return receipts(served.model, x, prototypes, on_input, cells, seed=int(sha[:15], 16))
 
 
-def method_map(served: ServedModel, x: torch.Tensor, prototype: int, method: str) -> torch.Tensor:
-    """(S, S) map of ``prototype`` on the model input ``x`` by ``method``: SmoothGrad's
-    (16 noisy copies, noise 0.15 of the input's range, seed 0), at the prototype's best
-    cell on the clean input. On the model thread."""
-    if method != "smoothgrad":
-        raise ValueError(f"no on-demand map for method {method!r}")
-    return SmoothGrad(served.model).attribute(x.float().to(served.device), [prototype])[0]
+def method_maps(
+    served: ServedModel,
+    x: torch.Tensor,
+    prototypes: list[int],
+    cells: torch.Tensor | None,
+    method: str,
+) -> torch.Tensor:
+    """The maps of ``prototypes`` on the model input ``x`` by ``method``, at their cells
+    (default: each one's best cell on ``x``). smoothgrad: (N, S, S), SmoothGrad's with
+    16 noisy copies, noise 0.15 of the input's range, seed 0; upsample: the (N, H', W')
+    latent similarity maps the paper upsamples. On the model thread."""
+    x = x.float().to(served.device)
+    if method == "smoothgrad":
+        return SmoothGrad(served.model).attribute(x, prototypes, cells)
+    if method == "upsample":
+        with torch.no_grad():
+            d = served.model.distances(served.model.conv_features(x[None]))[0]
+        return served.model.similarity(d[prototypes]).float().cpu()
+    raise ValueError(f"unknown map method {method!r}")
+
+
+def with_maps(exp: ImageExplanation, maps: torch.Tensor) -> ImageExplanation:
+    """``exp`` with its shown prototypes' maps replaced by ``maps`` (input resolution,
+    placed on the image like the paper's): the boxes and peaks are theirs."""
+    canvas, boxes = source_boxes(maps.float(), exp.image_size, exp.preprocessing)
+    W = canvas.shape[2]
+    flat = canvas.flatten(1).argmax(dim=1)
+    peaks = torch.stack([flat % W, flat // W], dim=1)
+    return dataclasses.replace(exp, low_res_maps=maps.float(), boxes=boxes, peaks=peaks, _maps=None)
 
 
 def method_box(rd: render.RenderData) -> tuple[int, int, int, int]:
@@ -373,6 +400,7 @@ class ExplanationService:
         top_classes: int,
         top_prototypes: int,
         faithfulness: bool = False,
+        method: str = "upsample",
     ) -> tuple[bytes, bool]:
         """(explanation JSON with heatmap URLs, whether it was already made: cached, or
         being made for an identical request)."""
@@ -380,7 +408,7 @@ class ExplanationService:
         s = self.settings
         eid = explanation_id(
             sha, served, top_classes, top_prototypes, s.max_map_side,
-            s.familiarity_percentile, faithfulness,
+            s.familiarity_percentile, faithfulness, method,
         )  # fmt: skip
         cached = await self.cache.get(eid, "json", count=True)
         if cached is not None:
@@ -392,7 +420,7 @@ class ExplanationService:
             self.metrics.coalesced.inc()
             return await asyncio.shield(task), True
         task = asyncio.create_task(
-            self._compute(served, data, sha, eid, top_classes, top_prototypes, faithfulness)
+            self._compute(served, data, sha, eid, top_classes, top_prototypes, faithfulness, method)
         )
         self._in_flight[eid] = task
         task.add_done_callback(lambda _: self._in_flight.pop(eid, None))
@@ -407,23 +435,34 @@ class ExplanationService:
         top_classes: int,
         top_prototypes: int,
         faithfulness: bool,
+        method: str,
     ) -> bytes:
         decoded = await self.decode(served, data)
         request = ModelInput(decoded.tensor, decoded.size, top_classes, top_prototypes)
         fwd = await served.forward(request)
-        if not faithfulness:
+        if not faithfulness and method == "upsample":
             fields = await self.run(self._finish, served, decoded, sha, eid, request, fwd)
-        else:
-            exp = await self.run(served.explanation, fwd, request)
-            # The blanked copies run on the model thread, between batches.
-            shown = exp.shown
+            return await self.cache.put_first(eid, fields)
+        exp = await self.run(served.explanation, fwd, request)
+        shown = exp.shown
+        if method != "upsample":
+            # The method's maps on the model thread, then their boxes and peaks on the
+            # pool: the explanation's maps, boxes and peaks become the method's.
+            maps = await served.batcher.on_thread(
+                functools.partial(
+                    method_maps, served, decoded.tensor, shown, exp.latent_peaks[shown], method
+                )
+            )
+            exp = await self.run(with_maps, exp, maps)
+        found = None
+        if faithfulness:  # the blanked copies run on the model thread, between batches
             found = await served.batcher.on_thread(
                 functools.partial(
                     box_receipts, served, decoded.tensor, shown, exp.boxes, exp.image_size,
                     sha, exp.latent_peaks[shown],
                 )
             )  # fmt: skip
-            fields = await self.run(self._fields, served, decoded, sha, eid, exp, fwd, found)
+        fields = await self.run(self._fields, served, decoded, sha, eid, exp, fwd, found, method)
         return await self.cache.put_first(eid, fields)
 
     def _finish(
@@ -448,13 +487,16 @@ class ExplanationService:
         exp: ImageExplanation,
         fwd: ForwardResult,
         found: list[Receipt] | None = None,
+        method: str = "upsample",
     ) -> dict[str, bytes]:
         familiarity = familiarity_answer(
             served, fwd.familiarity, self.settings.familiarity_percentile
         )
-        body = build_explanation(exp, served, image_info(decoded, sha), eid, familiarity, found)
+        info = image_info(decoded, sha)
+        body = build_explanation(exp, served, info, eid, familiarity, found, method)
         fields = {
             "json": orjson.dumps(body),
+            "method": method.encode(),
             "render": render.pack_render(exp, served.preprocessing, decoded.display),
         }
         if not render.keeps_pixels(decoded.display):
@@ -474,7 +516,7 @@ class ExplanationService:
                     p.heatmap = None
                 json_bytes = resp.model_dump_json(exclude_none=False).encode()
             else:
-                pngs = await self.heatmaps(
+                pngs, _ = await self.heatmaps(
                     resp.id, [p.prototype for p in resp.prototypes], "overlay"
                 )
                 for p, png in zip(resp.prototypes, pngs, strict=True):
@@ -527,8 +569,13 @@ class ExplanationService:
             raise self._missing(eid)
         return rd, await self.run(render.decode_jpeg, jpeg)
 
-    async def heatmap(self, eid: str, prototype: int, style: str, size: str = "display") -> bytes:
-        return (await self.heatmaps(eid, [prototype], style, size))[0]
+    async def heatmap(
+        self, eid: str, prototype: int, style: str, size: str = "display"
+    ) -> tuple[bytes, str]:
+        """A shown prototype's heatmap as the explanation made it, and the method that
+        made its map."""
+        pngs, method = await self.heatmaps(eid, [prototype], style, size)
+        return pngs[0], method
 
     async def method_heatmap(
         self, served: ServedModel, eid: str, prototype: int, method: str, style: str, size: str
@@ -551,8 +598,9 @@ class ExplanationService:
                 raise self._missing(eid)
             x = await self.run(unpack_input, blob)
             m = await served.batcher.on_thread(
-                functools.partial(method_map, served, x, prototype, method)
+                functools.partial(method_maps, served, x, [prototype], None, method)
             )
+            m = m[0]
             await self.cache.put(eid, {map_field: st_save({"map": m.half()})})
             m = m.half().float()  # what the cache gives back next time
         one = dataclasses.replace(rd, low_res=m.numpy()[None], shown=[prototype])
@@ -565,13 +613,15 @@ class ExplanationService:
 
     async def heatmaps(
         self, eid: str, prototypes: list[int], style: str, size: str = "display"
-    ) -> list[bytes]:
-        """Several prototypes' heatmaps: one cache read for all, the missing ones drawn
-        in one pool job per core (not one each: a thread hand-off and a cache round trip
-        per picture cost more than a small picture), and one cache write."""
+    ) -> tuple[list[bytes], str]:
+        """Several prototypes' heatmaps and the method that made the explanation's maps:
+        one cache read for all, the missing ones drawn in one pool job per core (not one
+        each: a thread hand-off and a cache round trip per picture cost more than a small
+        picture), and one cache write."""
         suffix = "" if size == "display" else f":{size}"
         fields = [f"png:{j}:{style}{suffix}" for j in prototypes]
-        found = await self.cache.get_many(eid, fields)
+        found = await self.cache.get_many(eid, [*fields, "method"])
+        method = found.pop("method", b"upsample").decode()
         todo = [j for j, f in zip(prototypes, fields, strict=True) if f not in found]
         if todo:
             rd, image = await self.render_data(eid)
@@ -587,7 +637,7 @@ class ExplanationService:
             }
             await self.cache.put(eid, new)
             found.update(new)
-        return [found[f] for f in fields]
+        return [found[f] for f in fields], method
 
     async def report_receipts(
         self, served: ServedModel, resp: ExplainResponse, prototypes: list[int]

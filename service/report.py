@@ -65,6 +65,7 @@ class ReportRow:
     activation_uri: str | None
     patch_uri: str | None
     source_uri: str | None
+    map_method: str = "upsample"  # what made the activation map and the box
     receipt: FaithfulnessReceipt | None = None  # explained with faithfulness=true
 
 
@@ -112,6 +113,7 @@ def render_report(
         return data_uri(arr) if arr is not None else None
 
     receipt_of = {p.prototype: p.receipt for p in resp.prototypes}
+    method_of = {p.prototype: p.map_method for p in resp.prototypes}
     sheets = []
     for title, sheet in zip(
         ("Predicted class", "Runner-up"), resp.scoring_sheets[:2], strict=False
@@ -134,6 +136,7 @@ def render_report(
                     points=r.points,
                     crop_uri=crop_uri,
                     activation_uri=activation_uri,
+                    map_method=method_of.get(r.prototype, "upsample"),
                     patch_uri=store_uri(r.prototype, "patch"),
                     source_uri=store_uri(r.prototype, "source"),
                     receipt=receipt_of.get(r.prototype),

@@ -174,6 +174,9 @@ class ShownPrototype(BaseModel):
         default=None, description="with heatmaps=inline: base64 overlay PNG"
     )
     prototype_images: PrototypeLinks
+    map_method: MapMethod = Field(
+        default="upsample", description="the method that made this row's heatmap and box"
+    )
     receipt: FaithfulnessReceipt | None = Field(
         default=None, description="with faithfulness=true: the box's deletion test"
     )

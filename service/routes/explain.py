@@ -56,7 +56,7 @@ async def explain(
     upload, opts = given
     served = await registry.get(opts.model)
     data, hit = await svc.explain(
-        served, upload.data, opts.top_classes, opts.top_prototypes, opts.faithfulness
+        served, upload.data, opts.top_classes, opts.top_prototypes, opts.faithfulness, opts.method
     )
     body = await svc.present(data, opts.heatmaps, root_of(request))
     return Response(

@@ -80,12 +80,13 @@ async def get_heatmap(
         Query(description="display (default, at most PROTOPNET_MAX_MAP_SIDE) or upload"),
     ] = "display",
     method: Annotated[
-        MapMethod,
+        MapMethod | None,
         Query(
-            description="upsample (default): the paper's upsampled similarity map; "
-            "smoothgrad: the similarity's input gradient over noisy copies, made on demand"
+            description="default: the explanation's own (its method option); upsample: the "
+            "paper's upsampled similarity map; smoothgrad: the similarity's input gradient "
+            "over noisy copies; another method than the explanation's is made on demand"
         ),
-    ] = "upsample",
+    ] = None,
 ) -> Response:
     """A prototype's activation map: ``overlay`` (JET over the image, the paper's blend),
     ``heatmap`` (RGBA, alpha = activation) or ``mask`` (white where the map is >= its
@@ -93,18 +94,17 @@ async def get_heatmap(
     ``heatmap`` or ``mask`` at the upload's own size (``image.oriented``), the pixels the
     JSON's boxes are in, to lay over the full-size picture. The headers
     ``X-Heatmap-Width`` and ``X-Heatmap-Height`` give the PNG's size, ``X-Heatmap-Method``
-    the method that made the map; for ``method=smoothgrad``, ``X-Heatmap-Box`` is that
-    map's own 95th-percentile box (x0,y0,x1,y1 in upload pixels; the JSON's box is the
-    upsampled map's)."""
+    the method that made the map; for a method other than the explanation's own,
+    ``X-Heatmap-Box`` is that map's own 95th-percentile box (x0,y0,x1,y1 in upload
+    pixels; the JSON's boxes are the explanation's method's)."""
     _check_id(eid)
-    headers: dict[str, str] = {"X-Heatmap-Method": method}
-    if method == "upsample":
-        png = await svc.heatmap(eid, prototype, style, size)
-    else:
+    png, own = await svc.heatmap(eid, prototype, style, size)
+    headers: dict[str, str] = {"X-Heatmap-Method": own}
+    if method is not None and method != own:
         body = ExplainResponse.model_validate_json(await svc.stored_json(eid))
         served = await registry.get(f"{body.model.name}@{body.model.version}")
         png, box = await svc.method_heatmap(served, eid, prototype, method, style, size)
-        headers["X-Heatmap-Box"] = ",".join(str(v) for v in box)
+        headers = {"X-Heatmap-Method": method, "X-Heatmap-Box": ",".join(str(v) for v in box)}
     resp = _png(png, settings.cache_ttl_s)
     resp.headers.update(headers)
     w, h = png_size(png)

@@ -158,7 +158,9 @@ async def kserve_explain(
     served = await registry.get(opts.model)
     done = await _gather(
         [
-            svc.explain(served, d, opts.top_classes, opts.top_prototypes, opts.faithfulness)
+            svc.explain(
+                served, d, opts.top_classes, opts.top_prototypes, opts.faithfulness, opts.method
+            )
             for d in images
         ]
     )

@@ -76,3 +76,43 @@ def test_bad_map_requests_say_what_is_wrong(client, photo_images) -> None:
         r.status_code == 404
         and "has no heatmap in this explanation" in r.json()["error"]["message"]
     )
+
+
+def test_explain_with_method_smoothgrad_draws_every_map_and_box_from_it(
+    client, server, browser, photo_images
+) -> None:
+    data_ = encode(photo_images["coffee"], "PNG")
+    plain = post_image(client, data_, top_prototypes=3).json()
+    r = post_image(client, data_, top_prototypes=3, method="smoothgrad")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] != plain["id"]  # its own cache entry
+    assert [p["prototype"] for p in body["prototypes"]] == [
+        p["prototype"] for p in plain["prototypes"]
+    ]
+    assert all(p["map_method"] == "smoothgrad" for p in body["prototypes"])
+    assert all(p["map_method"] == "upsample" for p in plain["prototypes"])
+    # Each JSON box is the one the on-demand SmoothGrad map of the plain explanation has
+    # (the same map: same input, same cell, same seed; within the float16 input's 2 px).
+    for p, q in zip(body["prototypes"], plain["prototypes"], strict=True):
+        url = f"/explanations/{plain['id']}/heatmaps/{q['prototype']}.png"
+        h = client.get(url, params={"method": "smoothgrad", "style": "mask"}).headers
+        want = [int(v) for v in h["x-heatmap-box"].split(",")]
+        got = [p["box"][k] for k in ("x0", "y0", "x1", "y1")]
+        assert all(abs(a - b) <= 2 for a, b in zip(got, want, strict=True)), (got, want)
+    # Its heatmaps say so; the paper's map is still there on demand, with its own box.
+    j = body["prototypes"][0]["prototype"]
+    url = f"/explanations/{body['id']}/heatmaps/{j}.png"
+    assert client.get(url).headers["x-heatmap-method"] == "smoothgrad"
+    up = client.get(url, params={"method": "upsample", "style": "mask", "size": "upload"})
+    assert up.headers["x-heatmap-method"] == "upsample"
+    b = plain["prototypes"][0]["box"]  # again within the float16 input's 2 px
+    got = [int(v) for v in up.headers["x-heatmap-box"].split(",")]
+    want = [b[k] for k in ("x0", "y0", "x1", "y1")]
+    assert all(abs(a - c) <= 2 for a, c in zip(got, want, strict=True)), (got, want)
+    # The report names the method under each map.
+    page = browser.new_page()
+    page.goto(server.url + body["links"]["report"], wait_until="load")
+    labels = page.locator(".map-method").all_inner_texts()
+    assert labels and set(labels) == {"SmoothGrad map"}
+    page.close()
