@@ -88,7 +88,7 @@ class Familiarity:
         )  # fmt: skip
 
     def scorer(self, device: torch.device | str = "cpu") -> FamiliarityScorer:
-        return FamiliarityScorer(self, torch.device(device))
+        return FamiliarityScorer(self.class_means, self.precision, torch.device(device))
 
     def percentile(self, score: float) -> float:
         """Share of validation images (in percent) that scored at most ``score``."""
@@ -114,10 +114,10 @@ class FamiliarityScorer:
     conditioned, and float32 moved scores by 1e-3; at these sizes float64 costs nothing
     next to the forward)."""
 
-    def __init__(self, fam: Familiarity, device: torch.device):
-        L = torch.linalg.cholesky(fam.precision.double())
+    def __init__(self, class_means: torch.Tensor, precision: torch.Tensor, device: torch.device):
+        L = torch.linalg.cholesky(precision.double())
         self.whiten = L.to(device)
-        self.means = (fam.class_means.double() @ L).to(device)  # (K, D)
+        self.means = (class_means.double() @ L).to(device)  # (K, D)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D, H', W') latent features -> (B,) float64 scores, on their device."""
@@ -170,8 +170,8 @@ def fit(
     precision = (precision + precision.T) / 2  # exactly symmetric for the Cholesky
     # Scored with the float32 tensors the store keeps, so a loaded copy reproduces them.
     means, precision = means.float(), precision.float()
-    provisional = Familiarity(means, precision, torch.zeros(1))
-    scores = provisional.scorer().scores(calibration.double()[:, :, None, None])
+    scorer = FamiliarityScorer(means, precision, torch.device("cpu"))
+    scores = scorer.scores(calibration.double()[:, :, None, None])
     return Familiarity(
         means, precision, scores.sort().values.float(), fitted_on, len(X), calibrated_on
     )

@@ -577,19 +577,27 @@ class ExplanationService:
         pngs, method = await self.heatmaps(eid, [prototype], style, size)
         return pngs[0], method
 
+    async def map_method(self, eid: str) -> str:
+        """The method that made the explanation's own maps."""
+        stored = await self.cache.get(eid, "method")
+        return "upsample" if stored is None else stored.decode()
+
     async def method_heatmap(
         self, served: ServedModel, eid: str, prototype: int, method: str, style: str, size: str
     ) -> tuple[bytes, tuple[int, int, int, int]]:
-        """One shown prototype's heatmap made by ``method`` (not the paper's upsampling),
-        and the 95th-percentile box of that map in upload pixels. The map is computed on
-        the model thread from the model input kept with the explanation, once; the map
-        and each PNG drawn from it are cached with the explanation."""
-        rd, image = await self.render_data(eid)
-        rd.index(prototype)  # 404 for a prototype the explanation does not show
+        """One shown prototype's heatmap made by another ``method`` than the
+        explanation's, and the 95th-percentile box of that map in upload pixels. The map
+        is computed once on the model thread from the model input kept with the
+        explanation; the map, each PNG and the box are cached with the explanation."""
         suffix = "" if size == "display" else f":{size}"
         png_field = f"png:{prototype}:{style}{suffix}:{method}"
-        map_field = f"map:{method}:{prototype}"
-        found = await self.cache.get_many(eid, [png_field, map_field])
+        box_field, map_field = f"box:{method}:{prototype}", f"map:{method}:{prototype}"
+        found = await self.cache.get_many(eid, [png_field, box_field, map_field])
+        if png_field in found and box_field in found:
+            x0, y0, x1, y1 = (int(v) for v in found[box_field].split(b","))
+            return found[png_field], (x0, y0, x1, y1)
+        rd, image = await self.render_data(eid)
+        rd.index(prototype)  # 404 for a prototype the explanation does not show
         if map_field in found:
             m = st_load(found[map_field])["map"].float()
         else:
@@ -600,15 +608,13 @@ class ExplanationService:
             m = await served.batcher.on_thread(
                 functools.partial(method_maps, served, x, [prototype], None, method)
             )
-            m = m[0]
-            await self.cache.put(eid, {map_field: st_save({"map": m.half()})})
-            m = m.half().float()  # what the cache gives back next time
+            m = m[0].half()
+            await self.cache.put(eid, {map_field: st_save({"map": m})})
+            m = m.float()  # what the cache gives back next time
         one = dataclasses.replace(rd, low_res=m.numpy()[None], shown=[prototype])
         box = await self.run(method_box, one)
-        if png_field in found:
-            return found[png_field], box
         png = await self.run(render.heatmap_png, one, image, prototype, style, size)
-        await self.cache.put(eid, {png_field: png})
+        await self.cache.put(eid, {png_field: png, box_field: ",".join(map(str, box)).encode()})
         return png, box
 
     async def heatmaps(

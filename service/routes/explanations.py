@@ -6,6 +6,7 @@ import dataclasses
 import functools
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
@@ -98,13 +99,14 @@ async def get_heatmap(
     ``X-Heatmap-Box`` is that map's own 95th-percentile box (x0,y0,x1,y1 in upload
     pixels; the JSON's boxes are the explanation's method's)."""
     _check_id(eid)
-    png, own = await svc.heatmap(eid, prototype, style, size)
-    headers: dict[str, str] = {"X-Heatmap-Method": own}
-    if method is not None and method != own:
-        body = ExplainResponse.model_validate_json(await svc.stored_json(eid))
-        served = await registry.get(f"{body.model.name}@{body.model.version}")
+    if method is None or method == await svc.map_method(eid):
+        png, own = await svc.heatmap(eid, prototype, style, size)
+        headers = {"X-Heatmap-Method": own}
+    else:
+        model = orjson.loads(await svc.stored_json(eid))["model"]
+        served = await registry.get(f"{model['name']}@{model['version']}")
         png, box = await svc.method_heatmap(served, eid, prototype, method, style, size)
-        headers = {"X-Heatmap-Method": method, "X-Heatmap-Box": ",".join(str(v) for v in box)}
+        headers = {"X-Heatmap-Method": method, "X-Heatmap-Box": ",".join(map(str, box))}
     resp = _png(png, settings.cache_ttl_s)
     resp.headers.update(headers)
     w, h = png_size(png)

@@ -59,15 +59,11 @@ def _scores(store: Path, images: list[Image.Image]) -> np.ndarray:
 
 
 def test_the_score_tells_fashion_from_digits_photos_faces_and_noise(trained_store: Path) -> None:
-    from sklearn.metrics import roc_auc_score
-
     imgs, _ = fashion_test_images(1000)
     inside = _scores(trained_store, [Image.fromarray(a, "L") for a in imgs])
     for name, images in ood.all_sets().items():
         outside = _scores(trained_store, images)
         auc = ood.auroc(inside, outside)
-        y = np.r_[np.ones(len(inside)), np.zeros(len(outside))]
-        assert auc == pytest.approx(roc_auc_score(y, np.r_[inside, outside]), abs=1e-9)
         assert auc >= 0.9, (name, auc)
     # The calibrated rate: 1 % of validation images fall below the threshold, so about
     # 1 % of test images (drawn like them) do.
