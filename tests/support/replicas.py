@@ -25,6 +25,7 @@ class Record:
     ms: float
     status: int | None
     eid: str | None = None
+    error: str | None = None  # the client's exception when no response came back
 
 
 @dataclass
@@ -55,8 +56,9 @@ async def _load(
                     r = await http.post("/explain", content=body, headers=headers)
                     eid = r.json().get("id") if r.status_code == 200 else None
                     out.records.append(Record(t, (time.monotonic() - t) * 1000, r.status_code, eid))
-                except httpx.HTTPError:
-                    out.records.append(Record(t, (time.monotonic() - t) * 1000, None))
+                except httpx.HTTPError as exc:
+                    error = f"{type(exc).__name__}: {exc}"[:200]
+                    out.records.append(Record(t, (time.monotonic() - t) * 1000, None, None, error))
 
         await asyncio.gather(*(client() for _ in range(clients)))
 
@@ -117,6 +119,7 @@ async def _scenario(
         "requests": len(load.records),
         "failed": len(failed),
         "failed_statuses": sorted({str(r.status) for r in failed}),
+        "client_errors": sorted({r.error for r in failed if r.error is not None}),
         "p99_ms_before": load.p99(t0, t1),
         "p99_ms_during": load.p99(t1, t2),
         "p99_ms_after": load.p99(t2, t3),
