@@ -129,7 +129,8 @@ class ExplainOptions(PredictOptions):
     method: MapMethod | None = Field(
         default=None,
         description="how the shown prototypes' maps and boxes are made: upsample (default, "
-        "the paper's) or smoothgrad (the similarity's input gradient over 16 noisy copies)",
+        "the paper's), smoothgrad (the similarity's input gradient over 16 noisy copies) or "
+        "prp (the similarity's relevance propagated back to the pixels)",
     )
 
 

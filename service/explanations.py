@@ -29,6 +29,7 @@ from protopnet.explain import ImageExplanation, source_boxes, top_indices
 from protopnet.faithfulness import Receipt, SmoothGrad, receipts
 from protopnet.familiarity import METHOD as FAMILIARITY_METHOD
 from protopnet.preprocess import input_region
+from protopnet.prp import PRP
 from service import render
 from service.cache import ExplanationCache
 from service.errors import NotFoundError
@@ -322,11 +323,14 @@ def method_maps(
 ) -> torch.Tensor:
     """The maps of ``prototypes`` on the model input ``x`` by ``method``, at their cells
     (default: each one's best cell on ``x``). smoothgrad: (N, S, S), SmoothGrad's with
-    16 noisy copies, noise 0.15 of the input's range, seed 0; upsample: the (N, H', W')
+    16 noisy copies, noise 0.15 of the input's range, seed 0; prp: (N, S, S), PRP's
+    relevance maps (protopnet/prp.py); upsample: the (N, H', W')
     latent similarity maps the paper upsamples. On the model thread."""
     x = x.float().to(served.device)
     if method == "smoothgrad":
         return SmoothGrad(served.model).attribute(x, prototypes, cells)
+    if method == "prp":
+        return PRP(served.model, served.preprocessing).attribute(x, prototypes, cells)
     if method == "upsample":
         with torch.no_grad():
             d = served.model.distances(served.model.conv_features(x[None]))[0]

@@ -11,8 +11,9 @@ HeatmapStyle = Literal["overlay", "heatmap", "mask"]
 HeatmapSize = Literal["display", "upload"]
 # upsample: the paper's (the latent similarity map, bicubically upsampled); smoothgrad:
 # the gradient of the prototype's similarity with respect to the input, averaged over
-# noisy copies (captum), drawn on demand for one prototype.
-MapMethod = Literal["upsample", "smoothgrad"]
+# noisy copies (captum); prp: prototypical relevance propagation (zennit's LRP rules and
+# the prototype layer's own, protopnet/prp.py). Each can be drawn on demand for one prototype.
+MapMethod = Literal["upsample", "smoothgrad", "prp"]
 ImageKind = Literal["patch", "source", "activation"]
 
 

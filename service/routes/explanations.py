@@ -85,7 +85,8 @@ async def get_heatmap(
         Query(
             description="default: the explanation's own (its method option); upsample: the "
             "paper's upsampled similarity map; smoothgrad: the similarity's input gradient "
-            "over noisy copies; another method than the explanation's is made on demand"
+            "over noisy copies; prp: the similarity's relevance propagated to the pixels; "
+            "another method than the explanation's is made on demand"
         ),
     ] = None,
 ) -> Response:

@@ -1,6 +1,7 @@
-"""method=smoothgrad on a heatmap through the real server: made on demand for that one
-prototype from the kept model input, the same map as SmoothGrad run by hand on the
-decoded image, its own box in the headers, cached, and a clear error for bad input."""
+"""Map methods through the real server: smoothgrad made on demand for one prototype
+from the kept model input (the same map as SmoothGrad run by hand on the decoded image,
+its own box in the headers, cached), method=smoothgrad and method=prp on /explain (every
+box from that map, as by hand), the report's labels, and a clear error for bad input."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from model_store import ModelStore
 from protopnet.explain import source_boxes
 from protopnet.faithfulness import SmoothGrad
 from protopnet.preprocess import eval_transform, to_model_mode
+from protopnet.prp import PRP
 from tests.service.corpus import encode
 from tests.service.helpers import post_image
 
@@ -115,4 +117,31 @@ def test_explain_with_method_smoothgrad_draws_every_map_and_box_from_it(
     page.goto(server.url + body["links"]["report"], wait_until="load")
     labels = page.locator(".map-method").all_inner_texts()
     assert labels and set(labels) == {"SmoothGrad map"}
+    page.close()
+
+
+def test_explain_with_method_prp_draws_every_box_from_relevance(
+    client, server, browser, store_root: Path, photo_images
+) -> None:
+    img = photo_images["coffee"]
+    r = post_image(client, encode(img, "PNG"), top_prototypes=3, method="prp")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert all(p["map_method"] == "prp" for p in body["prototypes"])
+    # By hand: PRP on the decoded image, its maps placed on the upload, their boxes.
+    loaded = ModelStore(store_root).load("photo@1")
+    prep = loaded.manifest.preprocessing
+    x = eval_transform(prep)(to_model_mode(img, prep))
+    shown = [p["prototype"] for p in body["prototypes"]]
+    _, want = source_boxes(PRP(loaded.model, prep).attribute(x, shown), img.size, prep)
+    for p, w in zip(body["prototypes"], want.tolist(), strict=True):
+        got = [p["box"][k] for k in ("x0", "y0", "x1", "y1")]
+        assert all(abs(a - b) <= 2 for a, b in zip(got, w, strict=True)), (got, w)
+    # The heatmap says which method made it; the report names it under each map.
+    url = f"/explanations/{body['id']}/heatmaps/{shown[0]}.png"
+    assert client.get(url).headers["x-heatmap-method"] == "prp"
+    page = browser.new_page()
+    page.goto(server.url + body["links"]["report"], wait_until="load")
+    labels = page.locator(".map-method").all_inner_texts()
+    assert labels and set(labels) == {"PRP relevance map"}
     page.close()
