@@ -1,12 +1,14 @@
-"""What the faithfulness receipt costs: ``/explain`` with ``faithfulness=true`` against
-the plain ``/explain`` and a bare forward, in process, the service's own objects.
+"""What the faithfulness receipt and the map methods cost: ``/explain`` with
+``faithfulness=true``, with ``method=smoothgrad`` and with ``method=prp``, against the
+plain ``/explain`` and a bare forward, in process, the service's own objects.
 
     python -m bench.receipts [--repeats-demo 20] [--repeats-vgg 2] [--no-vgg]
 
 The receipt blanks each shown box and 4 random boxes of its size and runs the model on
 every copy (about 35 boxes x 5 copies = 175 images for 3 classes x 10 prototypes), so
-its cost is that many forwards at the largest batch the model thread runs. Alternating,
-new image every time (no cache hit); p50s and ratios to the bare forward.
+its cost is that many forwards at the largest batch the model thread runs. SmoothGrad
+runs 16 forward and backward passes per shown prototype, PRP one. Alternating, new
+image every time (no cache hit); p50s and ratios to the bare forward (``cost_ratio``).
 """
 
 from __future__ import annotations
@@ -49,16 +51,21 @@ async def _measure(source: ModelSource, repeats: int) -> dict[str, Any]:
 
             return seconds_of(run, x.device)
 
-        times: dict[str, list[float]] = {"forward": [], "explain": [], "explain_receipts": []}
+        variants = (
+            ("explain", False, "upsample"),
+            ("explain_receipts", True, "upsample"),
+            ("explain_smoothgrad", False, "smoothgrad"),
+            ("explain_prp", False, "prp"),
+        )
+        times: dict[str, list[float]] = {"forward": []} | {v[0]: [] for v in variants}
         shown = 0
-        for i in range(1, 2 * (repeats + 1), 2):
+        step = len(variants)
+        for i in range(1, step * (repeats + 1), step):
             times["forward"].append(await served.batcher.on_thread(forward))
-            for key, upload, check in (
-                ("explain", images(i), False),
-                ("explain_receipts", images(i + 1), True),
-            ):
+            for n, (key, check, method) in enumerate(variants):
+                upload = images(i + n)
                 t0 = time.perf_counter()
-                body, hit = await svc.explain(served, upload, 3, 10, check)
+                body, hit = await svc.explain(served, upload, 3, 10, check, method)
                 times[key].append(time.perf_counter() - t0)
                 assert not hit
                 if check:
@@ -68,6 +75,7 @@ async def _measure(source: ModelSource, repeats: int) -> dict[str, Any]:
         for key, ts in times.items():
             out[f"{key}_ms_p50"] = round(p50(ts[1:]) * 1000, 2)
             out[f"{key}_ratio"] = round(p50(ts[1:]) / fwd, 2)
+        out["cost_ratio"] = {k: out[f"{k}_ratio"] for k in times}
         out["receipts_over_explain"] = round(
             p50(times["explain_receipts"][1:]) / p50(times["explain"][1:]), 2
         )
@@ -94,7 +102,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{key:10s} forward {r['forward_ms_p50']:9.2f} ms | explain "
                 f"{r['explain_ms_p50']:9.2f} ms (x{r['explain_ratio']}) | with receipts "
                 f"{r['explain_receipts_ms_p50']:9.2f} ms (x{r['explain_receipts_ratio']}, "
-                f"x{r['receipts_over_explain']} the plain explain; {r['rows_checked']} rows)",
+                f"x{r['receipts_over_explain']} the plain explain; {r['rows_checked']} rows) | "
+                f"smoothgrad {r['explain_smoothgrad_ms_p50']:9.2f} ms "
+                f"(x{r['explain_smoothgrad_ratio']}) | prp {r['explain_prp_ms_p50']:9.2f} ms "
+                f"(x{r['explain_prp_ratio']})",
                 flush=True,
             )
     write_result("receipts", result)
