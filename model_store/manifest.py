@@ -75,6 +75,40 @@ class FamiliarityInfo(BaseModel):
     percentiles: dict[str, float]  # of the calibration images' scores: p1, p5, p50, p95
 
 
+class PrototypeQuality(BaseModel):
+    """One prototype's figures (``protopnet.quality``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    class_index: int
+    duplicate_of: int | None = None  # an earlier prototype on the same patch or vector
+    background: bool | None = None  # its source patch is nearly flat (None: no picture)
+    patch_std: float | None = None  # luminance std of its source patch, 0..1
+    images: int = 0  # images of its class it was measured on
+    stability: float | None = None
+    part_share: float | None = None  # share of those images whose box holds the part
+
+
+class Interpretability(BaseModel):
+    """How good the version's prototypes are, measured at export (``protopnet.quality``).
+    Higher is better for every figure but the counts of duplicates and background
+    prototypes; None where it could not be measured (consistency without part boxes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prototypes: int  # not pruned
+    unique_prototypes: int
+    duplicates: int  # prototypes on an earlier one's patch or vector
+    background_prototypes: int
+    sparsity: float  # share of the last layer's |w| on own-class prototypes
+    stability: float | None = None
+    consistency: float | None = None  # needs part boxes
+    measured_on: str = ""  # e.g. "test split, 400 images"
+    images: int = 0
+    per_prototype: list[PrototypeQuality] = Field(default_factory=list)
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -91,4 +125,5 @@ class Manifest(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     source: Literal["training", "import-reference"] = "training"
     familiarity: FamiliarityInfo | None = None  # None: published without calibration
+    interpretability: Interpretability | None = None  # None: published before it existed
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256 hex

@@ -54,7 +54,13 @@ from model_store.integrity import (
     read_verified,
     sha256_bytes,
 )
-from model_store.manifest import FamiliarityInfo, Manifest, Metrics, PrototypeRecord
+from model_store.manifest import (
+    FamiliarityInfo,
+    Interpretability,
+    Manifest,
+    Metrics,
+    PrototypeRecord,
+)
 from protokit.atomic import atomic_write, fsync_dir
 from protopnet.config import Preprocessing
 from protopnet.errors import ShapeError, UnknownNameError, WeightsError
@@ -476,6 +482,7 @@ class ModelStore:
         source: Literal["training", "import-reference"] = "training",
         version: str | None = None,
         familiarity: Familiarity | None = None,
+        interpretability: Interpretability | None = None,
     ) -> Manifest:
         """Write a new immutable version of ``name`` and point ``aliases`` at it.
 
@@ -585,6 +592,7 @@ class ModelStore:
                     code_version=code_version(),
                     source=source,
                     familiarity=familiarity_info,
+                    interpretability=interpretability,
                     files=dict(sorted(files.items())),
                 )
                 raw = manifest.model_dump_json(indent=2).encode()

@@ -256,6 +256,12 @@ class ModelDetail(BaseModel):
         default=None,
         description="how the familiarity score was fitted and calibrated; null: uncalibrated",
     )
+    interpretability: dict | None = Field(
+        default=None,
+        description="how good the prototypes are, measured at export (unique and background "
+        "prototypes, sparsity, stability, consistency; per_prototype figures); null: "
+        "published before these were measured",
+    )
 
 
 class PrototypeInfo(BaseModel):

@@ -9,11 +9,14 @@ from typing import Any
 import torch
 
 from model_store import Manifest, ModelStore
+from model_store.manifest import Interpretability, PrototypeQuality, PrototypeRecord
+from model_store.store import PrototypeVisuals
 from protokit.devices import pick_device
-from protopnet import familiarity
+from protopnet import familiarity, quality
 from protopnet.config import Preprocessing
 from protopnet.errors import ProtoPNetError, ShapeError
 from protopnet.model import ProtoPNet
+from protopnet.preprocess import eval_transform, input_region, to_model_mode
 from training import engine
 from training.config import RunConfig
 from training.data import Splits, build_splits, stratified_order
@@ -28,6 +31,9 @@ class ExportError(ProtoPNetError):
 # Training images the familiarity score's means and covariance are fitted on (a
 # stratified sample; the demo's 18000 take 9 s on 2 cores, so larger sets are sampled).
 FAMILIARITY_FIT_IMAGES = 10_000
+# Test images the prototypes' stability and consistency are measured on (a stratified
+# sample): each goes through the model twice, clean and with noise.
+QUALITY_IMAGES = 400
 
 
 def export_run(
@@ -72,6 +78,9 @@ def export_run(
         )
         metrics.update(metrics_from_test(evaluated, ck.class_names))
     fam = calibrate_familiarity(ck.model.to(device), splits, ck.preprocessing, cfg, device)
+    interp = measure_interpretability(
+        ck.model.to(device), splits, ck.preprocessing, cfg, ck.records, visuals
+    )
     ck.model.cpu()
     store = ModelStore(store_root if store_root is not None else cfg.export.store)
     return store.publish(
@@ -86,6 +95,75 @@ def export_run(
         metrics=metrics,
         aliases=tuple(aliases if aliases is not None else cfg.export.aliases),
         familiarity=fam,
+        interpretability=interp,
+    )
+
+
+def measure_interpretability(
+    model: ProtoPNet,
+    splits: Splits,
+    prep: Preprocessing,
+    cfg: RunConfig,
+    records: list[PrototypeRecord],
+    visuals: dict[int, PrototypeVisuals] | None,
+) -> Interpretability:
+    """The prototypes' quality figures (``protopnet.quality``) on a stratified sample of
+    the test split: duplicates, background patches (from the prototype pictures), the
+    last layer's sparsity, stability, and consistency where the data has part boxes."""
+    test = splits.test
+    order = sorted(stratified_order(test.labels, cfg.train.seed)[:QUALITY_IMAGES])
+    tf = eval_transform(prep)
+    xs, labels, parts = [], [], []
+    for i in order:
+        img = test.load(i)
+        xs.append(tf(to_model_mode(img, prep)))
+        labels.append(test.labels[i])
+        box = getattr(test, "part_box", lambda _: None)(i)  # synthetic sets have them
+        if box is not None:  # in the model input's pixels
+            x0, y0, x1, y1 = input_region(img.width, img.height, prep)
+            sx, sy = prep.img_size / (x1 - x0), prep.img_size / (y1 - y0)
+            parts.append(
+                [(box[0] - x0) * sx, (box[1] - y0) * sy, (box[2] - x0) * sx, (box[3] - y0) * sy]
+            )
+    has_parts = bool(parts) and len(parts) == len(xs)
+    model.eval()
+    agree = quality.box_agreement(
+        model,
+        torch.stack(xs) if xs else torch.zeros(0, 3, prep.img_size, prep.img_size),
+        labels,
+        torch.tensor(parts) if has_parts else None,
+        seed=cfg.train.seed,
+    )
+    classes = model.prototype_class_identity.argmax(dim=1).cpu()
+    dup = quality.duplicate_of(
+        [(r.source_image_id, r.patch_hw) for r in records], model.prototype_vectors
+    )
+    rows = []
+    for j in range(model.num_prototypes):
+        std = quality.patch_flatness(visuals[j].patch) if visuals and j in visuals else None
+        rows.append(
+            PrototypeQuality(
+                index=j,
+                class_index=int(classes[j]),
+                duplicate_of=dup[j],
+                background=None if std is None else std < quality.BACKGROUND_STD,
+                patch_std=None if std is None else round(std, 4),
+                images=agree.images[j],
+                stability=agree.stability[j],
+                part_share=agree.part_share[j],
+            )
+        )
+    return Interpretability(
+        prototypes=len(rows),
+        unique_prototypes=sum(r.duplicate_of is None for r in rows),
+        duplicates=sum(r.duplicate_of is not None for r in rows),
+        background_prototypes=sum(bool(r.background) for r in rows),
+        sparsity=quality.last_layer_sparsity(model.last_layer.weight, classes),
+        stability=quality.mean_of(agree.stability),
+        consistency=quality.consistency(agree.part_share) if has_parts else None,
+        measured_on=f"test split, {len(xs)} images",
+        images=len(xs),
+        per_prototype=rows,
     )
 
 

@@ -75,6 +75,9 @@ async def get_model(name: ModelPath, registry: RegistryDep) -> ModelDetail:
         created_at=m.created_at.isoformat(),
         source=m.source,
         familiarity=None if m.familiarity is None else m.familiarity.model_dump(mode="json"),
+        interpretability=(
+            None if m.interpretability is None else m.interpretability.model_dump(mode="json")
+        ),
     )
 
 

@@ -1,0 +1,53 @@
+"""The prototypes' quality figures published with a trained model, against the store's
+own files and brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_store import ModelStore
+
+
+@pytest.mark.slow
+def test_export_publishes_the_prototypes_quality(parts_run) -> None:  # type: ignore[no-untyped-def]
+    loaded = ModelStore(parts_run.store).load("parts")
+    m = loaded.manifest
+    q = m.interpretability
+    assert q is not None
+    P = loaded.model.num_prototypes
+    assert q.prototypes == P == len(q.per_prototype)
+    # Duplicates by brute force: an earlier prototype on the same source patch.
+    recs = m.prototypes
+    for j, row in enumerate(q.per_prototype):
+        same = [
+            i
+            for i in range(j)
+            if (recs[i].source_image_id, recs[i].patch_hw)
+            == (recs[j].source_image_id, recs[j].patch_hw)
+            or bool((loaded.model.prototype_vectors[i] == loaded.model.prototype_vectors[j]).all())
+        ]
+        assert row.duplicate_of == (same[0] if same else None)
+    assert q.unique_prototypes + q.duplicates == P
+    # Background: the stored patch picture's luminance std, by hand.
+    for row in q.per_prototype:
+        png = loaded.prototype_image(row.index, "patch")
+        assert png is not None
+        rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64) / 255
+        std = float((0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]).std())
+        assert row.patch_std == pytest.approx(std, abs=1e-4)
+        assert row.background == (std < 0.03)
+    assert q.background_prototypes == sum(bool(r.background) for r in q.per_prototype)
+    # Sparsity from the published weights.
+    w = loaded.model.last_layer.weight.detach().abs()
+    classes = loaded.model.prototype_class_identity.argmax(dim=1)
+    own = float(w[classes, range(P)].sum() / w.sum())
+    assert q.sparsity == pytest.approx(own, abs=1e-6)
+    # The synthetic set has part boxes: consistency and stability both measured, on every
+    # test image (80 < 400), each prototype on its class's 20.
+    assert q.images == 80 and q.measured_on == "test split, 80 images"
+    assert all(r.images == 20 for r in q.per_prototype)
+    assert q.consistency is not None and 0 <= q.consistency <= 1
+    assert q.stability is not None and 0 <= q.stability <= 1
+    assert all(r.part_share is not None for r in q.per_prototype)
