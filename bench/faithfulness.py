@@ -81,7 +81,9 @@ def _maps_on_parts(config: str, images: int, reuse: str | None = None) -> dict[s
             "--run-dir", f"{tmp}/run", "--set", f"export.store={tmp}/store", "--export",
         ]  # fmt: skip
         if reuse is None:
-            subprocess.run(cmd, check=True, capture_output=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"training {config} failed:\n{proc.stderr[-3000:]}")
         train_s = time.perf_counter() - t0
         loaded = ModelStore(f"{tmp}/store").load(cfg.export.name)
     model, prep = loaded.model.eval(), loaded.manifest.preprocessing

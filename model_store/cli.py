@@ -1,4 +1,4 @@
-"""``python -m model_store``: list, show, verify, promote, remove, import-reference.
+"""``python -m model_store``: list, show, verify, promote, history, remove, import-reference.
 
 Every verb takes ``--root`` (default: $PROTOPNET_STORE, else ./store). Errors print one
 line naming the bad value and the valid choices, and exit with status 1 (2 for a
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from model_store import gate
 from model_store.errors import IntegrityError
 from model_store.store import ModelStore
 from protopnet.backbones import list_backbones
@@ -88,8 +89,50 @@ def cmd_verify(store: ModelStore, args: argparse.Namespace) -> int:
 
 
 def cmd_promote(store: ModelStore, args: argparse.Namespace) -> int:
-    version = store.promote(args.name, args.target, args.alias)
-    print(f"{args.name}@{args.alias} -> {version}")
+    """Move an alias, through the promotion gate (``model_store.gate``) when it already
+    points at another version: refused (exit 1, the comparison printed) if the candidate
+    is worse by more than the tolerance, unless ``--force``."""
+    candidate = store.load(f"{args.name}@{args.target}").manifest
+    current_version = store.aliases(args.name).get(args.alias)
+    failed: list[str] = []
+    if current_version is not None and current_version != candidate.version:
+        current = store.load(f"{args.name}@{current_version}").manifest
+        rows = gate.compare(current, candidate, args.tolerance)
+        print(
+            gate.table(
+                rows, f"{args.alias}={current_version}", f"cand.={candidate.version}",
+                args.tolerance,
+            )
+        )  # fmt: skip
+        failed = [r.figure for r in rows if not r.passed]
+        if failed and not args.force:
+            print(
+                f"refused: {args.name}@{candidate.version} is worse than "
+                f"{args.name}@{current_version} on {', '.join(failed)} by more than "
+                f"{args.tolerance:g}; {args.alias} stays at {current_version} "
+                "(--force promotes anyway, and the alias history records it)",
+                file=sys.stderr,
+            )
+            return 1
+    version = store.promote(args.name, args.target, args.alias, forced=bool(failed), failed=failed)
+    forced = f" (forced past: {', '.join(failed)})" if failed else ""
+    print(f"{args.name}@{args.alias} -> {version}{forced}")
+    return 0
+
+
+def cmd_history(store: ModelStore, args: argparse.Namespace) -> int:
+    rows = store.alias_history(args.name)
+    if args.json:
+        _print(rows, True)
+        return 0
+    for r in rows:
+        forced = f"  FORCED past {', '.join(r['failed'])}" if r.get("forced") else ""
+        print(
+            f"{r['at']}  {r['alias']}: {r['previous'] or '-'} -> {r['version']}  "
+            f"by {r['by']}{forced}"
+        )
+    if not rows:
+        print(f"no alias moves recorded for {args.name}")
     return 0
 
 
@@ -192,11 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref", nargs="?")
     s.set_defaults(fn=cmd_verify)
 
-    s = sub.add_parser("promote", help="point an alias at a version (creates or moves it)")
+    s = sub.add_parser(
+        "promote",
+        help="point an alias at a version (creates or moves it); refused if the version is "
+        "worse than the alias's current one on accuracy or prototype quality",
+    )
     s.add_argument("name")
     s.add_argument("target", help="a version or an existing alias")
     s.add_argument("alias")
+    s.add_argument(
+        "--tolerance",
+        type=float,
+        default=gate.TOLERANCE,
+        help=f"how much worse a figure (a share in 0..1) may be (default {gate.TOLERANCE})",
+    )
+    s.add_argument("--force", action="store_true", help="promote even if the gate refuses")
     s.set_defaults(fn=cmd_promote)
+
+    s = sub.add_parser("history", help="every alias move of a model, oldest first")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_history)
 
     s = sub.add_parser("remove", help="delete one version")
     s.add_argument("name")

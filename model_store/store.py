@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import getpass
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,6 +83,37 @@ _TMP_PREFIX = ".publish-"
 _RACY_NS = 2_000_000_000  # a change this recent may not show in stat times yet
 _STALE_SECONDS = 24 * 3600  # a temp folder of a live process older than this is abandoned
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _who() -> str:
+    """The user making a change, for the alias history."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _record_move(
+    registry: dict[str, Any],
+    alias: str,
+    version: str,
+    forced: bool = False,
+    failed: Sequence[str] = (),
+) -> None:
+    """Point ``alias`` at ``version`` in ``registry`` and append the move to its history."""
+    previous = registry["aliases"].get(alias)
+    registry["aliases"][alias] = version
+    registry.setdefault("history", []).append(
+        {
+            "alias": alias,
+            "version": version,
+            "previous": previous,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "by": _who(),
+            "forced": forced,
+            "failed": list(failed),
+        }
+    )
 
 
 def prototype_image_path(index: int, kind: str) -> str:
@@ -608,7 +641,7 @@ class ModelStore:
                         int(registry.get("highest_version", 0)), int(chosen)
                     )
                 for a in alias_list:
-                    registry["aliases"][a] = chosen
+                    _record_move(registry, a, chosen)
                 _write_json_atomic(d / REGISTRY, registry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -688,10 +721,21 @@ class ModelStore:
             return dict(pool.map(one, jobs))
 
     # -- aliases and removal ------------------------------------------------------------
-    def promote(self, name: str, target: str, alias: str) -> str:
+    def promote(
+        self,
+        name: str,
+        target: str,
+        alias: str,
+        forced: bool = False,
+        failed: Sequence[str] = (),
+    ) -> str:
         """Point ``alias`` of ``name`` at ``target`` (a version or another alias).
 
-        Creates the alias or moves it; returns the version it now points at.
+        Creates the alias or moves it; returns the version it now points at. Every move
+        (publishing's too) is appended to the registry's alias history
+        (``alias_history``): when, by whom,
+        from which version, and, for a move the promotion gate refused and ``forced``
+        let through, the figures that failed (``failed``).
         """
         self._check_alias_name(alias)
         _, version = self.resolve(f"{name}@{target}")
@@ -703,9 +747,14 @@ class ModelStore:
             if version not in self._versions(name):  # removed meanwhile
                 raise UnknownNameError("version", version, self._versions(name))
             registry = self._registry(name)
-            registry["aliases"][alias] = version
+            _record_move(registry, alias, version, forced, failed)
             _write_json_atomic(d / REGISTRY, registry)
         return version
+
+    def alias_history(self, name: str) -> builtins.list[dict[str, Any]]:
+        """Every alias move of ``name``, oldest first (``promote``)."""
+        check_name("model", name)
+        return list(self._registry(name).get("history", []))
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Delete an alias (the version stays)."""

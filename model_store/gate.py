@@ -1,0 +1,93 @@
+"""The promotion gate: may a candidate version take an alias from the version it points
+at now? It may not if its test accuracy, or any of its prototypes' quality figures
+(``Manifest.interpretability``), is worse by more than a tolerance.
+
+Each figure is a share in [0, 1], so one tolerance (in points of 1, default 0.01: one
+percentage point) reads the same for all of them. Higher is better for all but the share
+of background prototypes. A figure either version lacks is shown and not judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from model_store.manifest import Manifest
+
+TOLERANCE = 0.01
+
+
+def _share(count: Callable[[Manifest], int | None]) -> Callable[[Manifest], float | None]:
+    def of(m: Manifest) -> float | None:
+        q = m.interpretability
+        n = None if q is None else count(m)
+        return None if q is None or n is None or q.prototypes == 0 else n / q.prototypes
+
+    return of
+
+
+def _interp(field: str) -> Callable[[Manifest], float | None]:
+    def of(m: Manifest) -> float | None:
+        return None if m.interpretability is None else getattr(m.interpretability, field)
+
+    return of
+
+
+# (name, how to read it, higher is better)
+FIGURES: tuple[tuple[str, Callable[[Manifest], float | None], bool], ...] = (
+    ("test_accuracy", lambda m: m.metrics.test_accuracy, True),
+    ("test_balanced_accuracy", lambda m: m.metrics.test_balanced_accuracy, True),
+    ("unique_share", _share(lambda m: m.interpretability.unique_prototypes), True),  # type: ignore[union-attr]
+    ("background_share", _share(lambda m: m.interpretability.background_prototypes), False),  # type: ignore[union-attr]
+    ("sparsity", _interp("sparsity"), True),
+    ("stability", _interp("stability"), True),
+    ("consistency", _interp("consistency"), True),
+)
+
+
+@dataclass(frozen=True)
+class GateRow:
+    figure: str
+    current: float | None
+    candidate: float | None
+    higher_is_better: bool
+    worse_by: float | None  # None: not judged (a side lacks it)
+    passed: bool
+
+
+def compare(current: Manifest, candidate: Manifest, tolerance: float = TOLERANCE) -> list[GateRow]:
+    """One row per figure; a row fails when the candidate is worse by more than
+    ``tolerance``."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    rows = []
+    for name, read, higher in FIGURES:
+        a, b = read(current), read(candidate)
+        worse = None if a is None or b is None else (a - b if higher else b - a)
+        rows.append(GateRow(name, a, b, higher, worse, worse is None or worse <= tolerance))
+    return rows
+
+
+def table(rows: list[GateRow], current: str, candidate: str, tolerance: float) -> str:
+    """The comparison as a fixed-width table a person reads in a terminal."""
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    head = f"{'figure':24s} {current:>14s} {candidate:>14s} {'change':>8s}  verdict"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        change = (
+            "-" if r.current is None or r.candidate is None else f"{r.candidate - r.current:+.4f}"
+        )
+        verdict = (
+            "not measured on both"
+            if r.worse_by is None
+            else "ok"
+            if r.passed
+            else f"WORSE by {r.worse_by:.4f} (> {tolerance:g})"
+        )
+        lines.append(
+            f"{r.figure:24s} {f(r.current):>14s} {f(r.candidate):>14s} {change:>8s}  {verdict}"
+        )
+    return "\n".join(lines)
