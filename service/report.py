@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from model_store.manifest import ClassMetrics, Metrics
+from model_store.manifest import ClassMetrics, Interpretability, Metrics
 from model_store.store import ImageKind
 from service import render
 from service.schemas import ExplainResponse, FaithfulnessReceipt
@@ -67,6 +67,7 @@ class ReportRow:
     source_uri: str | None
     map_method: str = "upsample"  # what made the activation map and the box
     receipt: FaithfulnessReceipt | None = None  # explained with faithfulness=true
+    flags: list[str] = field(default_factory=list)  # the prototype's quality warnings
 
 
 @dataclass
@@ -100,12 +101,27 @@ def render_report(
     store_picture: Callable[[int, ImageKind], bytes | None] | None,
     rows_per_class: int,
     metrics: Metrics | None = None,
+    interpretability: Interpretability | None = None,
 ) -> str:
     """HTML for the predicted class and the runner-up. ``store_picture(j, kind)`` reads
     prototype j's "patch" or "source" PNG from the store (None: the model's version has
     left the store, and the rows show no such pictures). ``metrics``: the version's
-    published test figures, for a line on how often its answer was right there."""
+    published test figures, for a line on how often its answer was right there;
+    ``interpretability``: its prototypes' quality figures, for each row's warnings and
+    the footer."""
     probs = {c.class_index: c.probability for c in resp.top_classes}
+    quality = {q.index: q for q in interpretability.per_prototype} if interpretability else {}
+
+    def flags(prototype: int) -> list[str]:
+        q = quality.get(prototype)
+        if q is None:
+            return []
+        out = []
+        if q.background:
+            out.append("its training patch is flat background, not part of an object")
+        if q.duplicate_of is not None:
+            out.append(f"a duplicate of prototype {q.duplicate_of} (the same training patch)")
+        return out
 
     def store_uri(prototype: int, kind: ImageKind) -> str | None:
         png = store_picture(prototype, kind) if store_picture is not None else None
@@ -140,6 +156,7 @@ def render_report(
                     patch_uri=store_uri(r.prototype, "patch"),
                     source_uri=store_uri(r.prototype, "source"),
                     receipt=receipt_of.get(r.prototype),
+                    flags=flags(r.prototype),
                 )
             )
         shown_total = sum(r.points for r in sheet.rows[:rows_per_class])
@@ -169,6 +186,7 @@ def render_report(
         sheets=sheets,
         tested=class_record(metrics, resp.prediction.class_index),
         test_accuracy=metrics.test_accuracy if metrics is not None else None,
+        quality=interpretability,
         boxes_uri=data_uri(render.boxes_image(rd, image)),
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )

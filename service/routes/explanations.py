@@ -145,9 +145,9 @@ async def get_report(
     try:
         m, _ = await registry.manifest(ref)
         read = functools.partial(registry.store.prototype_image_bytes, m)  # in the pool job
-        metrics = m.metrics
+        metrics, quality = m.metrics, m.interpretability
     except ProtoPNetError:  # the version left the store: the report renders without them
-        read, metrics = None, None
+        read, metrics, quality = None, None, None
     # Every row the page shows gets its receipt: the JSON's (faithfulness=true), else
     # checked now on the kept model input, once, and cached with the explanation.
     rows = {r.prototype for s in resp.scoring_sheets[:2] for r in s.rows[: settings.report_rows]}
@@ -159,5 +159,7 @@ async def get_report(
         for p in resp.prototypes:
             if p.prototype in found:
                 p.receipt = FaithfulnessReceipt(**dataclasses.asdict(found[p.prototype]))
-    html = await svc.run(render_report, resp, rd, image, read, settings.report_rows, metrics)
+    html = await svc.run(
+        render_report, resp, rd, image, read, settings.report_rows, metrics, quality
+    )
     return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_CSP})

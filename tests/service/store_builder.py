@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from model_store import ModelStore, PrototypeRecord, PrototypeVisuals
+from model_store.manifest import Interpretability
 from protopnet.config import Preprocessing, ProtoPNetConfig
 from protopnet.explain import PrototypeExplainer
 from protopnet.model import ProtoPNet, create_model
@@ -127,7 +128,12 @@ PHOTO_METRICS = {
 }
 
 
-def build_photo_model(store: ModelStore, name: str = "photo", seed: int = 1) -> None:
+def build_photo_model(
+    store: ModelStore,
+    name: str = "photo",
+    seed: int = 1,
+    interpretability: Interpretability | None = None,
+) -> None:
     torch.manual_seed(seed)
     cfg = ProtoPNetConfig(
         backbone="small_cnn",
@@ -159,6 +165,7 @@ def build_photo_model(store: ModelStore, name: str = "photo", seed: int = 1) -> 
         activation_maps=maps,
         metrics=PHOTO_METRICS,
         training_config={"note": "random weights, prototypes pushed onto skimage photos"},
+        interpretability=interpretability,
     )
 
 
