@@ -5,7 +5,6 @@ prototype is flat background or a duplicate, and the model's figures in the foot
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
