@@ -109,6 +109,19 @@ class Interpretability(BaseModel):
     per_prototype: list[PrototypeQuality] = Field(default_factory=list)
 
 
+class Lineage(BaseModel):
+    """Where a revised version came from (``python -m training revise``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    derived_from: str  # name@version
+    removed_prototypes: list[int]  # indices in that version
+    reason: str | None = None
+    by: str
+    at: datetime
+    kept_prototypes: list[int] = Field(default_factory=list)  # new index -> old index
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -126,4 +139,5 @@ class Manifest(BaseModel):
     source: Literal["training", "import-reference"] = "training"
     familiarity: FamiliarityInfo | None = None  # None: published without calibration
     interpretability: Interpretability | None = None  # None: published before it existed
+    lineage: Lineage | None = None  # None: not a revision of another version
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256 hex

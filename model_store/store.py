@@ -59,6 +59,7 @@ from model_store.integrity import (
 from model_store.manifest import (
     FamiliarityInfo,
     Interpretability,
+    Lineage,
     Manifest,
     Metrics,
     PrototypeRecord,
@@ -516,6 +517,7 @@ class ModelStore:
         version: str | None = None,
         familiarity: Familiarity | None = None,
         interpretability: Interpretability | None = None,
+        lineage: Lineage | None = None,
     ) -> Manifest:
         """Write a new immutable version of ``name`` and point ``aliases`` at it.
 
@@ -626,6 +628,7 @@ class ModelStore:
                     source=source,
                     familiarity=familiarity_info,
                     interpretability=interpretability,
+                    lineage=lineage,
                     files=dict(sorted(files.items())),
                 )
                 raw = manifest.model_dump_json(indent=2).encode()

@@ -99,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, help="store root (default: $PROTOPNET_STORE or ./store)")
     p.add_argument("--alias", action="append", help="aliases to point at it (repeatable)")
 
+    p = verbs.add_parser(
+        "revise",
+        help="remove prototypes from a published model, refit its last layer, publish the "
+        "result as a new version with its lineage",
+    )
+    p.add_argument("--model", required=True, help="NAME@VERSION (or an alias) in the store")
+    p.add_argument(
+        "--remove", required=True, help="prototype indices to remove, comma-separated: 12,40"
+    )
+    p.add_argument("--reason", help="why, recorded in the new version's lineage")
+    p.add_argument("--name", help="publish under another name (default: the same)")
+    p.add_argument("--store", type=Path, help="store root (default: $PROTOPNET_STORE or ./store)")
+    p.add_argument(
+        "--alias", action="append", help="aliases to point at it (repeatable; default: latest)"
+    )
+
     p = verbs.add_parser("ensemble", help="test accuracy of several runs' summed logits")
     p.add_argument(
         "--run-dir",
@@ -298,6 +314,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revise(args: argparse.Namespace) -> int:
+    from training.revise import ReviseError, revise
+
+    try:
+        remove = [int(v) for v in args.remove.split(",") if v.strip()]
+    except ValueError:
+        raise ReviseError(
+            f"--remove takes prototype indices separated by commas (e.g. 12,40), got "
+            f"{args.remove!r}"
+        ) from None
+    store = None if args.store is None else str(args.store)
+    _print(revise(store, args.model, remove, args.reason, args.name, args.alias or ["latest"]))
+    return 0
+
+
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from training.ensemble import evaluate_ensemble
 
@@ -439,6 +470,7 @@ COMMANDS = {
     "push": cmd_push,
     "prune": cmd_prune,
     "export": cmd_export,
+    "revise": cmd_revise,
     "ensemble": cmd_ensemble,
     "synthetic": cmd_synthetic,
     "demo": cmd_demo,
