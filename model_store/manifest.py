@@ -88,6 +88,10 @@ class PrototypeQuality(BaseModel):
     images: int = 0  # images of its class it was measured on
     stability: float | None = None
     part_share: float | None = None  # share of those images whose box holds the part
+    # Its k nearest training patches (one per image; a stratified sample of the training
+    # split): their images' classes, and the share of them from its own class.
+    nearest_classes: list[int] = Field(default_factory=list)
+    nearest_own_share: float | None = None
 
 
 class Interpretability(BaseModel):

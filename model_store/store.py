@@ -77,6 +77,7 @@ ACTIVATIONS = "prototypes/activations.safetensors"
 ACTIVATIONS_KEY = "maps"
 FAMILIARITY = "familiarity.safetensors"
 IMAGE_KINDS = ("patch", "source", "activation")
+NEAREST = "nearest"  # prototypes/<j>_nearest.png, when export drew it (model card)
 ImageKind = Literal["patch", "source", "activation"]
 DEFAULT_ALIAS = "latest"
 REGISTRY = "registry.json"
@@ -156,6 +157,9 @@ class PrototypeVisuals:
     patch: np.ndarray  # the 95th-percentile box cropped from the source image
     source: np.ndarray  # the source image with the box drawn
     activation: np.ndarray  # the self-activation heatmap overlaid on the source image
+    # The prototype's nearest training patches side by side (the paper's global
+    # analysis; model card), or None.
+    nearest: np.ndarray | None = None
 
     @classmethod
     def draw(
@@ -202,6 +206,11 @@ class LoadedModel:
         """Prototype j's PNG bytes, re-checked against the manifest's hash; None if absent."""
         rel = self._image_rel(j, kind)
         return None if rel is None else read_verified(self.path, self.manifest, rel)
+
+    def nearest_image_bytes(self, j: int) -> bytes | None:
+        """Prototype j's strip of nearest training patches (verified); None if absent."""
+        rel = prototype_image_path(j, NEAREST)
+        return read_verified(self.path, self.manifest, rel) if rel in self.manifest.files else None
 
     def activation_maps(self) -> torch.Tensor | None:
         """(P, H', W') self-activation similarity maps, or None when not published."""
@@ -455,6 +464,12 @@ class ModelStore:
         rel = prototype_image_rel(manifest, j, kind)
         folder = self.root / manifest.name / manifest.version
         return None if rel is None else read_verified(folder, manifest, rel)
+
+    def nearest_image_bytes(self, manifest: Manifest, j: int) -> bytes | None:
+        """Prototype j's strip of nearest training patches (verified); None if absent."""
+        rel = prototype_image_path(j, NEAREST)
+        folder = self.root / manifest.name / manifest.version
+        return read_verified(folder, manifest, rel) if rel in manifest.files else None
 
     def load(self, ref: str) -> LoadedModel:
         """Verify a version and rebuild its model (eval mode, CPU, strict weights)."""
@@ -712,6 +727,7 @@ class ModelStore:
         """Encode and write every PNG; ``encode_png`` releases the GIL, so use threads."""
         (tmp / "prototypes").mkdir(exist_ok=True)
         jobs = [(j, kind) for j in sorted(visuals) for kind in IMAGE_KINDS]
+        jobs += [(j, NEAREST) for j in sorted(visuals) if visuals[j].nearest is not None]
 
         def one(job: tuple[int, str]) -> tuple[str, str]:
             j, kind = job

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from model_store import Manifest, ModelStore
 from model_store.manifest import Interpretability, PrototypeQuality, PrototypeRecord
@@ -15,11 +17,12 @@ from protokit.devices import pick_device
 from protopnet import familiarity, quality
 from protopnet.config import Preprocessing
 from protopnet.errors import ProtoPNetError, ShapeError
+from protopnet.explain import percentile_boxes, upsample_maps
 from protopnet.model import ProtoPNet
 from protopnet.preprocess import eval_transform, input_region, to_model_mode
 from training import engine
 from training.config import RunConfig
-from training.data import Splits, build_splits, stratified_order
+from training.data import ImageSet, Splits, build_splits, stratified_order
 from training.push import render_visuals
 from training.run import eval_loader, metrics_from_test, read_checkpoint
 
@@ -34,6 +37,11 @@ FAMILIARITY_FIT_IMAGES = 10_000
 # Test images the prototypes' stability and consistency are measured on (a stratified
 # sample): each goes through the model twice, clean and with noise.
 QUALITY_IMAGES = 400
+# The global analysis (the paper's section 3.1): each prototype's k nearest training
+# patches, one per image, searched in a stratified sample of the training split.
+NEAREST_K = 5
+NEAREST_IMAGES = 10_000
+NEAREST_TILE = 64  # px, each patch in the strip the model card shows
 
 
 def export_run(
@@ -78,8 +86,13 @@ def export_run(
         )
         metrics.update(metrics_from_test(evaluated, ck.class_names))
     fam = calibrate_familiarity(ck.model.to(device), splits, ck.preprocessing, cfg, device)
+    nearest = (
+        add_nearest_patches(ck.model.to(device), splits, ck.preprocessing, cfg, visuals, device)
+        if visuals is not None
+        else None
+    )
     interp = measure_interpretability(
-        ck.model.to(device), splits, ck.preprocessing, cfg, ck.records, visuals
+        ck.model.to(device), splits, ck.preprocessing, cfg, ck.records, visuals, nearest
     )
     ck.model.cpu()
     store = ModelStore(store_root if store_root is not None else cfg.export.store)
@@ -99,6 +112,76 @@ def export_run(
     )
 
 
+@torch.no_grad()
+def nearest_training_patches(
+    model: ProtoPNet,
+    splits: Splits,
+    prep: Preprocessing,
+    cfg: RunConfig,
+    device: torch.device,
+    k: int = NEAREST_K,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ImageSet]:
+    """Each prototype's k nearest training patches, at most one per image, among a
+    stratified sample of the training split: (P, k) distances, (P, k) indices into the
+    returned sample, (P, k) latent cells (flat), and the sample."""
+    train = splits.train
+    order = stratified_order(train.labels, cfg.train.seed)[:NEAREST_IMAGES]
+    sample = train.subset(sorted(order))
+    P = model.num_prototypes
+    best_d = torch.full((P, 0), float("inf"))
+    best_i = torch.zeros((P, 0), dtype=torch.long)
+    best_c = torch.zeros((P, 0), dtype=torch.long)
+    seen = 0
+    model.eval()
+    for x, _, _ in eval_loader(sample, prep, cfg):
+        d = model.distances(model.conv_features(x.to(device))).flatten(2).cpu()  # (B, P, L)
+        md, cell = d.min(dim=2)  # (B, P)
+        idx = torch.arange(seen, seen + len(x))
+        seen += len(x)
+        all_d = torch.cat([best_d, md.t()], dim=1)
+        all_i = torch.cat([best_i, idx.expand(P, -1)], dim=1)
+        all_c = torch.cat([best_c, cell.t()], dim=1)
+        top = all_d.topk(min(k, all_d.shape[1]), dim=1, largest=False)
+        best_d = top.values
+        best_i = all_i.gather(1, top.indices)
+        best_c = all_c.gather(1, top.indices)
+    return best_d, best_i, best_c, sample
+
+
+def add_nearest_patches(
+    model: ProtoPNet,
+    splits: Splits,
+    prep: Preprocessing,
+    cfg: RunConfig,
+    visuals: dict[int, PrototypeVisuals],
+    device: torch.device,
+) -> dict[int, list[int]]:
+    """Draw each prototype's nearest training patches (``nearest_training_patches``) as
+    one strip of ``NEAREST_TILE`` px tiles into ``visuals[j].nearest``; each tile is the
+    95th-percentile box of the prototype's similarity map on that image, cropped from the
+    model's view of it. Returns their images' classes, per prototype."""
+    _, idx, _, sample = nearest_training_patches(model, splits, prep, cfg, device)
+    tf = eval_transform(prep)
+    mean = torch.tensor(prep.mean).view(3, 1, 1)
+    std = torch.tensor(prep.std).view(3, 1, 1)
+    S = prep.img_size
+    classes: dict[int, list[int]] = {}
+    for j, vis in visuals.items():
+        xs = torch.stack([tf(to_model_mode(sample.load(int(i)), prep)) for i in idx[j]])
+        with torch.no_grad():
+            d = model.distances(model.conv_features(xs.to(device)))[:, j]  # (k, H', W')
+        maps = upsample_maps(model.similarity(d).float().cpu(), (S, S))
+        tiles = []
+        for x, (x0, y0, x1, y1) in zip(xs, percentile_boxes(maps).tolist(), strict=True):
+            rgb = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(rgb[y0:y1, x0:x1]).resize((NEAREST_TILE, NEAREST_TILE))
+            tiles.append(np.asarray(tile))
+            tiles.append(np.full((NEAREST_TILE, 2, 3), 255, dtype=np.uint8))
+        vis.nearest = np.ascontiguousarray(np.concatenate(tiles[:-1], axis=1))
+        classes[j] = [int(sample.labels[int(i)]) for i in idx[j]]
+    return classes
+
+
 def measure_interpretability(
     model: ProtoPNet,
     splits: Splits,
@@ -106,10 +189,13 @@ def measure_interpretability(
     cfg: RunConfig,
     records: list[PrototypeRecord],
     visuals: dict[int, PrototypeVisuals] | None,
+    nearest: dict[int, list[int]] | None = None,
 ) -> Interpretability:
     """The prototypes' quality figures (``protopnet.quality``) on a stratified sample of
     the test split: duplicates, background patches (from the prototype pictures), the
-    last layer's sparsity, stability, and consistency where the data has part boxes."""
+    last layer's sparsity, stability, and consistency where the data has part boxes;
+    with ``nearest`` (prototype -> its nearest training patches' classes), the share of
+    them from its own class."""
     test = splits.test
     order = sorted(stratified_order(test.labels, cfg.train.seed)[:QUALITY_IMAGES])
     tf = eval_transform(prep)
@@ -141,6 +227,7 @@ def measure_interpretability(
     rows = []
     for j in range(model.num_prototypes):
         std = quality.patch_flatness(visuals[j].patch) if visuals and j in visuals else None
+        near = (nearest or {}).get(j, [])
         rows.append(
             PrototypeQuality(
                 index=j,
@@ -151,6 +238,10 @@ def measure_interpretability(
                 images=agree.images[j],
                 stability=agree.stability[j],
                 part_share=agree.part_share[j],
+                nearest_classes=near,
+                nearest_own_share=(
+                    sum(c == int(classes[j]) for c in near) / len(near) if near else None
+                ),
             )
         )
     return Interpretability(

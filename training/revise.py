@@ -42,7 +42,12 @@ def _visuals(loaded: Any, keep: Sequence[int]) -> dict[int, PrototypeVisuals]:
         pics = [loaded.prototype_image_bytes(old, k) for k in ("patch", "source", "activation")]
         if all(p is not None for p in pics):
             arrays = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pics]  # type: ignore[arg-type]
-            out[new] = PrototypeVisuals(*arrays)
+            strip = loaded.nearest_image_bytes(old)
+            near = (
+                None if strip is None else np.asarray(Image.open(io.BytesIO(strip)).convert("RGB"))
+            )
+            patch, source, activation = arrays
+            out[new] = PrototypeVisuals(patch, source, activation, nearest=near)
     return out
 
 
@@ -125,7 +130,13 @@ def revise(
         **metrics_from_test(test, m.class_names),
     }
     visuals = _visuals(loaded, keep)
-    interp = measure_interpretability(model, splits, prep, cfg, records, visuals)
+    old_rows = (
+        {} if m.interpretability is None else {q.index: q for q in m.interpretability.per_prototype}
+    )
+    nearest = {
+        new: old_rows[old].nearest_classes for new, old in enumerate(keep) if old in old_rows
+    }
+    interp = measure_interpretability(model, splits, prep, cfg, records, visuals, nearest)
     lineage = Lineage(
         derived_from=source,
         removed_prototypes=drop,

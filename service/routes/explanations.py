@@ -22,7 +22,7 @@ from service.deps import (
 from service.errors import NotFoundError
 from service.explanations import ID_LENGTH, is_explanation_id
 from service.render import png_size
-from service.report import render_report
+from service.report import REPORT_CSP, render_report
 from service.schemas import (
     ExplainResponse,
     FaithfulnessReceipt,
@@ -120,15 +120,6 @@ async def get_boxes(eid: IdPath, svc: ExplanationsDep, settings: SettingsDep) ->
     """The image at display size with the most activated prototypes' boxes."""
     png = await svc.boxes(_check_id(eid))
     return _png(png, settings.cache_ttl_s)
-
-
-# The report is one self-contained page: its pictures are data: URIs and its style is
-# inline; it runs no script and fetches nothing, so the browser is told to allow nothing
-# else (labels come from training folders' names; the template escapes them as well).
-REPORT_CSP = (
-    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-    "base-uri 'none'; form-action 'none'"
-)
 
 
 @router.get("/{eid}/report", response_class=HTMLResponse)

@@ -7,9 +7,12 @@ from collections import Counter
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import HTMLResponse
 
+from service.card import render_card
 from service.deps import ApiKey, ModelPath, PrototypePath, RegistryDep, SettingsDep, root_of
 from service.errors import NotFoundError
+from service.report import REPORT_CSP
 from service.schemas import (
     Box,
     ImageKind,
@@ -79,6 +82,27 @@ async def get_model(name: ModelPath, registry: RegistryDep) -> ModelDetail:
             None if m.interpretability is None else m.interpretability.model_dump(mode="json")
         ),
     )
+
+
+@router.get("/{name}/card", response_class=HTMLResponse)
+async def model_card(name: ModelPath, registry: RegistryDep) -> HTMLResponse:
+    """The model card (one self-contained HTML page, the report's Content-Security-Policy):
+    what the version is, its accuracy per class, its prototypes' quality, and for each
+    class its prototypes with their training patches, source images and nearest training
+    patches, weak ones flagged."""
+    m, _ = await registry.manifest(name)
+    aliases = await asyncio.to_thread(registry.store.aliases, m.name)
+    store = registry.store
+
+    def picture(j: int, kind: str) -> bytes | None:
+        if kind == "nearest":
+            return store.nearest_image_bytes(m, j)
+        return store.prototype_image_bytes(m, j, kind)  # type: ignore[arg-type]
+
+    html = await asyncio.to_thread(
+        render_card, m, sorted(a for a, v in aliases.items() if v == m.version), picture
+    )
+    return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_CSP})
 
 
 @router.get("/{name}/prototypes", response_model=PrototypeList)
