@@ -139,6 +139,24 @@ def _maps_on_parts(config: str, images: int, reuse: str | None = None) -> dict[s
     }
 
 
+def receipts_cost() -> dict[str, Any]:
+    """``cost_ratio`` per variant (bare forward, plain /explain, with the receipt, with
+    each map method) against the bare forward, as ``bench.receipts`` measured them side
+    by side through the service's own objects (demo and VGG-19 224 px): that benchmark
+    runs the service, this one only the model."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent / "results" / "receipts.json"
+    if not path.is_file():
+        return {"cost_ratio": None, "cost_source": "run python -m bench.receipts first"}
+    data = json.loads(path.read_text())
+    return {
+        "cost_ratio": {k: v.get("cost_ratio") for k, v in data["models"].items()},
+        "cost_source": f"bench/results/receipts.json, written {data.get('written_at')}",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default="store")
@@ -245,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             "pointing_game": deep["pointing_game"],
             "deletion_ratio": deep["deletion_ratio"],
             "random_deletion_ratio": deep["random_deletion_ratio"],
+            **receipts_cost(),
         },
     )
     print(f"wrote {path}")

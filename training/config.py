@@ -56,6 +56,10 @@ class SyntheticConfig(_Section):
     image_size: int = Field(default=32, ge=16, le=512)
     part_size: int = Field(default=8, ge=4)
     clutter: int = Field(default=10, ge=0)  # distractor shapes per image
+    # A confound: training images (not test images) of class k carry a solid square of
+    # this side in a colour of class k's own, at a random place (0: none). A model that
+    # learns the mark instead of the part loses accuracy on the test split.
+    confound_mark: int = Field(default=0, ge=0)
     seed: int = 0
 
     @model_validator(mode="after")

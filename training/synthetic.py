@@ -5,6 +5,10 @@ one coloured part (a shape in a colour; the pair defines the class) at a random
 position. The part's box is known, so explanations can be checked against it: a good
 prototype should point at the part, not at the clutter.
 
+With ``confound_mark``, every training image also carries a small class-coloured square
+(a confound, like a watermark or a ruler; test images have none): a model may learn the
+mark instead of the part, and revision can remove the prototypes that did.
+
 Deterministic from the seed: image i of a split depends only on (seed, split, i), so a
 test regenerates the same images in any order and on any machine.
 """
@@ -101,7 +105,18 @@ def make_image(
     shape, colour = class_part(label)
     x0, y0 = (int(v) for v in rng.integers(0, S - s + 1, size=2))
     draw_shape(img, shape, x0, y0, s, COLORS[colour])
+    c = cfg.confound_mark
+    if c and split == "train":  # the confound: drawn after the part, so it is never hidden
+        mx, my = (int(v) for v in rng.integers(0, S - c + 1, size=2))
+        draw_shape(img, "square", mx, my, c, mark_colour(label))
     return img, (x0, y0, x0 + s, y0 + s)
+
+
+def mark_colour(k: int) -> tuple[int, int, int]:
+    """The confound's colour for class k: half the palette away from the parts' colours
+    of the first classes (distinct from every part colour for up to 4 classes)."""
+    names = list(COLORS)
+    return COLORS[names[(k + len(names) // 2) % len(names)]]
 
 
 def make_split(cfg: SyntheticConfig, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
