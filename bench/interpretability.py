@@ -7,9 +7,9 @@ prototypes removed the same way; the cost of the figures at export.
 
 Writes bench/results/interpretability.json. The confounded set draws a class-coloured
 square on every training image (``data.synthetic.confound_mark``); its test images have
-none, so a model that learned the mark loses accuracy there. A prototype is flagged
-when its box holds the part on fewer than half its class's test images (``part_share``
-on the card); each class keeps its best one.
+none, so a model that learned the mark loses accuracy there. The prototypes flagged are
+those the card calls background (their training patch misses the part, or is flat);
+each class keeps its best one.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 from bench.common import device_name, write_result
 from model_store import ModelStore
 
-FLAG_PART_SHARE = 0.5
-MARK = 6  # px, on the 32 px images
+PER_CLASS = 8  # enough prototypes that some land on the part beside the mark
+MARK = 12  # px on the 32 px images (the part is 8): 6 px cost nothing (measured: +8.8 points), 12 px 39
 
 
 def _cli(*args: str) -> dict[str, Any]:
@@ -51,22 +51,24 @@ def _train(tmp: Path, name: str, *sets: str) -> tuple[Any, float]:
 
 
 def _flag(m: Any) -> list[int]:
-    """Prototypes whose box misses the part on most of their class's images, each class
-    keeping its best."""
+    """The prototypes the card flags as background (off the object, or flat), each class
+    keeping at least one (its best on the part on test images)."""
     rows = m.interpretability.per_prototype
     flagged = []
     for k in range(len(m.class_names)):
-        mine = [r for r in rows if r.class_index == k and r.part_share is not None]
-        bad = [r for r in mine if r.part_share < FLAG_PART_SHARE]
+        mine = [r for r in rows if r.class_index == k]
+        bad = [r for r in mine if r.background]
         if len(bad) == len(mine) and mine:
-            bad.remove(max(mine, key=lambda r: r.part_share))
+            bad.remove(max(mine, key=lambda r: r.part_share or 0.0))
         flagged += [r.index for r in bad]
     return sorted(flagged)
 
 
 def _parts(tmp: Path) -> dict[str, Any]:
-    clean, clean_s = _train(tmp, "clean")
-    confounded, conf_s = _train(tmp, "confounded", f"data.synthetic.confound_mark={MARK}")
+    shipped, _ = _train(tmp, "shipped")  # the shipped config: consistency and stability
+    per = f"model.prototypes_per_class={PER_CLASS}"
+    clean, clean_s = _train(tmp, "clean", per)
+    confounded, conf_s = _train(tmp, "confounded", per, f"data.synthetic.confound_mark={MARK}")
     flagged = _flag(confounded)
     t0 = time.perf_counter()
     out = _cli(
@@ -79,9 +81,11 @@ def _parts(tmp: Path) -> dict[str, Any]:
     a_rev = out["test_accuracy_after"]
     gap = a_clean - a_conf
     return {
-        "consistency": clean.interpretability.consistency,
-        "stability": clean.interpretability.stability,
-        "clean_interpretability": clean.interpretability.model_dump(exclude={"per_prototype"}),
+        "consistency": shipped.interpretability.consistency,
+        "stability": shipped.interpretability.stability,
+        "shipped_interpretability": shipped.interpretability.model_dump(exclude={"per_prototype"}),
+        "confound_prototypes_per_class": PER_CLASS,
+        "confound_mark_px": MARK,
         "acc_clean": a_clean,
         "acc_confounded": a_conf,
         "confound_cost_points": round(100 * gap, 1),
@@ -110,6 +114,7 @@ def _demo(tmp: Path, run_dir: Path) -> dict[str, Any]:
         "background_prototypes": background,
         "acc_before": m.metrics.test_accuracy,
     }
+    out["ankle_boot_before"] = _top_rows(ModelStore(tmp / "demo").load("demo@1"))
     if background:
         t0 = time.perf_counter()
         r = _cli(
@@ -120,8 +125,43 @@ def _demo(tmp: Path, run_dir: Path) -> dict[str, Any]:
             acc_after=r["test_accuracy_after"],
             accuracy_change_points=round(100 * (r["test_accuracy_after"] - out["acc_before"]), 2),
             revise_minutes=round((time.perf_counter() - t0) / 60, 3),
+            ankle_boot_after=_top_rows(ModelStore(tmp / "demo").load(r["published"])),
         )
     return out
+
+
+def _top_rows(loaded: Any, rows: int = 3) -> dict[str, Any]:
+    """The bundled ankle boot's answer and the top rows of its scoring sheet (the
+    answered class's own prototypes by points), each with its background flag."""
+    import torch
+    from PIL import Image
+
+    from protopnet.preprocess import eval_transform, to_model_mode
+
+    prep, model = loaded.manifest.preprocessing, loaded.model
+    img = Image.open(Path(__file__).parent.parent / "examples" / "ankle-boot.png")
+    x = eval_transform(prep)(to_model_mode(img, prep))[None]
+    with torch.no_grad():
+        out = model.forward_full(x)
+    k = int(out.logits.argmax())
+    sim = model.similarity(out.min_distances[0])
+    points = sim * model.last_layer.weight[k]
+    mine = torch.nonzero(model.prototype_class_identity.argmax(dim=1) == k).flatten()
+    top = mine[points[mine].argsort(descending=True)][:rows].tolist()
+    q = {r.index: r for r in loaded.manifest.interpretability.per_prototype}
+    return {
+        "answer": loaded.manifest.class_names[k],
+        "logit": round(float(out.logits[0, k]), 3),
+        "rows": [
+            {
+                "prototype": j,
+                "similarity": round(float(sim[j]), 3),
+                "points": round(float(points[j]), 3),
+                "background": q[j].background,
+            }
+            for j in top
+        ],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         result: dict[str, Any] = {"device": device_name()}
         result.update(_parts(tmp))
-        print({k: v for k, v in result.items() if k != "clean_interpretability"}, flush=True)
+        print({k: v for k, v in result.items() if k != "shipped_interpretability"}, flush=True)
         if not args.no_demo and (args.demo_run / "checkpoints").is_dir():
             result["demo"] = _demo(tmp, args.demo_run)
             print(result["demo"], flush=True)

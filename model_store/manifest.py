@@ -83,7 +83,10 @@ class PrototypeQuality(BaseModel):
     index: int
     class_index: int
     duplicate_of: int | None = None  # an earlier prototype on the same patch or vector
-    background: bool | None = None  # its source patch is nearly flat (None: no picture)
+    # Background: its source patch is nearly flat, or (where the data has part or object
+    # boxes) it misses the object: ``off_object``. None: neither could be measured.
+    background: bool | None = None
+    off_object: bool | None = None  # its source box does not overlap the image's part box
     patch_std: float | None = None  # luminance std of its source patch, 0..1
     images: int = 0  # images of its class it was measured on
     stability: float | None = None

@@ -6,7 +6,9 @@ the model off.
   as unique.
 - **Background**: a prototype whose source patch is nearly flat (the standard deviation
   of its luminance below ``BACKGROUND_STD`` of the pixel range): a corner of black
-  background, a blank sky, an empty scanner bed.
+  background, a blank sky, an empty scanner bed; or, where the data has part or object
+  boxes, whose source box does not overlap its source image's (``boxes_overlap``): it sits
+  off the object, on clutter or a confound.
 - **Sparsity**: the share of the last layer's weight mass (sum of |w|) on each class's own
   prototypes; 1 when every class's logit comes from its own prototypes alone.
 - **Stability** (EvalProtoPNet, Huang et al. ICCV 2023): on images of its class, whether
@@ -65,6 +67,11 @@ def patch_flatness(patch: np.ndarray) -> float:
     rgb = patch.astype(np.float64) / 255.0
     lum = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
     return float(lum.std())
+
+
+def boxes_overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether boxes (x0, y0, x1, y1), end exclusive, share any pixel."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def last_layer_sparsity(weight: torch.Tensor, classes: torch.Tensor) -> float:

@@ -38,7 +38,9 @@ def flags_of(q: PrototypeQuality | None, class_names: list[str]) -> list[str]:
     out = []
     if q.duplicate_of is not None:
         out.append(f"duplicate of prototype {q.duplicate_of} (the same training patch)")
-    if q.background:
+    if q.off_object:
+        out.append("off the object: its training patch misses the labelled part")
+    elif q.background:
         out.append("flat background: its training patch is not part of an object")
     if q.nearest_own_share is not None and q.nearest_own_share < WEAK_NEAREST_OWN:
         others = sorted({class_names[c] for c in q.nearest_classes if c != q.class_index})

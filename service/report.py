@@ -125,7 +125,9 @@ def render_report(
         if q is None:
             return []
         out = []
-        if q.background:
+        if q.off_object:
+            out.append("its training patch misses the labelled object part")
+        elif q.background:
             out.append("its training patch is flat background, not part of an object")
         if q.duplicate_of is not None:
             out.append(f"a duplicate of prototype {q.duplicate_of} (the same training patch)")

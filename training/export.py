@@ -224,16 +224,27 @@ def measure_interpretability(
     dup = quality.duplicate_of(
         [(r.source_image_id, r.patch_hw) for r in records], model.prototype_vectors
     )
+    part_of = getattr(splits.train, "part_box", None)  # the synthetic set's part boxes
+    index_of = {splits.train.image_id(i): i for i in range(len(splits.train))} if part_of else {}
     rows = []
     for j in range(model.num_prototypes):
         std = quality.patch_flatness(visuals[j].patch) if visuals and j in visuals else None
+        rec = records[j]
+        src = index_of.get(rec.source_image_id) if rec.source_image_id is not None else None
+        part = part_of(src) if part_of and src is not None else None
+        off = None if part is None or rec.box is None else not quality.boxes_overlap(rec.box, part)
         near = (nearest or {}).get(j, [])
         rows.append(
             PrototypeQuality(
                 index=j,
                 class_index=int(classes[j]),
                 duplicate_of=dup[j],
-                background=None if std is None else std < quality.BACKGROUND_STD,
+                background=(
+                    None
+                    if std is None and off is None
+                    else bool(off) or (std is not None and std < quality.BACKGROUND_STD)
+                ),
+                off_object=off,
                 patch_std=None if std is None else round(std, 4),
                 images=agree.images[j],
                 stability=agree.stability[j],

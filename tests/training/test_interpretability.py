@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from model_store import ModelStore
+from training.config import validate_config
+from training.data import build_splits
 
 
 @pytest.mark.slow
@@ -18,6 +20,10 @@ def test_export_publishes_the_prototypes_quality(parts_run) -> None:  # type: ig
     assert q is not None
     P = loaded.model.num_prototypes
     assert q.prototypes == P == len(q.per_prototype)
+    cfg = validate_config(
+        {k: v for k, v in m.training_config.items() if k not in ("checkpoint", "run_dir")}
+    )
+    train = build_splits(cfg.data, cfg.train.seed).train
     # Duplicates by brute force: an earlier prototype on the same source patch.
     recs = m.prototypes
     for j, row in enumerate(q.per_prototype):
@@ -37,7 +43,14 @@ def test_export_publishes_the_prototypes_quality(parts_run) -> None:  # type: ig
         rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64) / 255
         std = float((0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]).std())
         assert row.patch_std == pytest.approx(std, abs=1e-4)
-        assert row.background == (std < 0.03)
+        # Off the object: the source box shares no pixel with the source image's part box.
+        rec = recs[row.index]
+        i = next(i for i in range(len(train)) if train.image_id(i) == rec.source_image_id)
+        px0, py0, px1, py1 = train.part_box(i)
+        bx0, by0, bx1, by1 = rec.box
+        off = not (bx0 < px1 and px0 < bx1 and by0 < py1 and py0 < by1)
+        assert row.off_object == off
+        assert row.background == (std < 0.03 or off)
     assert q.background_prototypes == sum(bool(r.background) for r in q.per_prototype)
     # Sparsity from the published weights.
     w = loaded.model.last_layer.weight.detach().abs()
