@@ -45,6 +45,8 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
     "accuracy": ([], None),
     # Needs the demo model in ./store (make demo publishes it) and reads no other.
     "faithfulness": ([], None),
+    # Trains four synthetic models (about 1 min); the demo part re-exports runs/fashion-mnist.
+    "interpretability": ([], ["--no-demo"]),
 }
 
 

@@ -13,14 +13,15 @@ the model off.
   prototypes; 1 when every class's logit comes from its own prototypes alone.
 - **Stability** (EvalProtoPNet, Huang et al. ICCV 2023): on images of its class, whether
   a prototype's box says the same after Gaussian noise (std ``NOISE_STD`` on the
-  normalised input): with part boxes, whether the part is inside the box both times, else
-  whether the box's latent cell is the same. Each prototype's share of images; the
-  model's figure is the mean over prototypes.
-- **Consistency** (EvalProtoPNet), where part boxes exist: the share of prototypes whose
-  box holds the part on at least ``CONSISTENT_SHARE`` of their class's images.
+  normalised input): with part keypoints, whether the same visible parts are inside the
+  box both times, else whether the box's latent cell is the same. Each prototype's share
+  of images; the model's figure is the mean over prototypes.
+- **Consistency** (EvalProtoPNet), where part keypoints exist (CUB's 15 parts; the
+  synthetic set's one part, its centre): the share of prototypes whose most frequent
+  part is inside their box on at least ``CONSISTENT_SHARE`` of their class's images.
 
 A prototype's box on an image is the one the service draws: the 95th-percentile box of
-its upsampled similarity map; the part is "inside" when the part box's centre is.
+its upsampled similarity map.
 
 Shapes: N images, S input side, P prototypes, K classes, (H', W') latent grid.
 """
@@ -104,13 +105,14 @@ def _boxes_and_cells(
     return boxes.cpu(), d.flatten(2).argmin(dim=2).cpu()
 
 
-def _holds(boxes: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-    """boxes (n, m, 4), parts (n, 4) -> (n, m) bool: the part's centre is in the box."""
-    cx = ((parts[:, 0] + parts[:, 2]) / 2)[:, None]
-    cy = ((parts[:, 1] + parts[:, 3]) / 2)[:, None]
-    return (
-        (boxes[..., 0] <= cx) & (cx < boxes[..., 2]) & (boxes[..., 1] <= cy) & (cy < boxes[..., 3])
-    )
+def _holds(boxes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """boxes (n, m, 4), points (n, Q, 3) (x, y, visible) -> (n, m, Q) bool: the visible
+    part is inside the box."""
+    x = points[:, None, :, 0]
+    y = points[:, None, :, 1]
+    b = boxes[..., None]  # (n, m, 4, 1)
+    inside = (b[:, :, 0] <= x) & (x < b[:, :, 2]) & (b[:, :, 1] <= y) & (y < b[:, :, 3])
+    return inside & (points[:, None, :, 2] > 0)
 
 
 def box_agreement(
@@ -122,13 +124,18 @@ def box_agreement(
     batch_size: int = 32,
 ) -> BoxAgreement:
     """Stability and (with ``parts``) the part share of every prototype, on the images of
-    its class. images: (N, 3, S, S) preprocessed; labels: (N,); parts: (N, 4) part boxes
-    in input pixels (x0, y0, x1, y1), or None. The noise is seeded: one answer per set."""
+    its class. images: (N, 3, S, S) preprocessed; labels: (N,); parts: (N, Q, 3) part
+    keypoints (x, y, visible) in input pixels, or None. The noise is seeded: one answer
+    per set.
+
+    With parts (EvalProtoPNet): stable when the set of visible parts inside the box is
+    the same with and without noise; the part share is the share of images on which the
+    prototype's most frequent part is inside its box."""
     model.eval()
     classes = model.prototype_class_identity.argmax(dim=1).cpu()
     P = len(classes)
     stable = torch.zeros(P)
-    held = torch.zeros(P)
+    held = torch.zeros(P, 0 if parts is None else parts.shape[1])
     count = torch.zeros(P)
     g = torch.Generator().manual_seed(seed)
     labels_t = torch.as_tensor(list(labels))
@@ -145,8 +152,9 @@ def box_agreement(
             b0, c0 = _boxes_and_cells(model, x.to(dev), protos.to(dev))
             b1, c1 = _boxes_and_cells(model, noisy.to(dev), protos.to(dev))
             if parts is not None:
-                in0, in1 = _holds(b0, parts[sl].float()), _holds(b1, parts[sl].float())
-                stable[protos] += (in0 == in1).float().sum(dim=0)
+                pts = parts[sl].float()
+                in0, in1 = _holds(b0, pts), _holds(b1, pts)  # (n, m, Q)
+                stable[protos] += (in0 == in1).all(dim=2).float().sum(dim=0)
                 held[protos] += in0.float().sum(dim=0)
             else:
                 stable[protos] += (c0 == c1).float().sum(dim=0)
@@ -155,10 +163,11 @@ def box_agreement(
     def share(v: torch.Tensor) -> list[float | None]:
         return [float(a / c) if c > 0 else None for a, c in zip(v, count, strict=True)]
 
+    best = held.amax(dim=1) if held.shape[1] else torch.zeros(P)
     return BoxAgreement(
         images=[int(c) for c in count],
         stability=share(stable),
-        part_share=share(held) if parts is not None else [None] * P,
+        part_share=share(best) if parts is not None else [None] * P,
     )
 
 

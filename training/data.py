@@ -71,6 +71,16 @@ class ImageSet:
     def image_path(self, i: int) -> str | None:
         return None
 
+    def part_box(self, i: int) -> tuple[int, int, int, int] | None:
+        """The labelled part's box (x0, y0, x1, y1) in the loaded image's pixels, where
+        the data has one (the synthetic set)."""
+        return None
+
+    def part_points(self, i: int) -> np.ndarray | None:
+        """(Q, 3) labelled part keypoints (x, y, visible) in the loaded image's pixels,
+        where the data has them (CUB's part_locs.txt; the synthetic set's part centre)."""
+        return None
+
     def subset(self, indices: Sequence[int]) -> ImageSet:
         return SubsetImages(self, list(indices))
 
@@ -97,8 +107,10 @@ class SubsetImages(ImageSet):
         return self.base.image_path(self.indices[i])
 
     def part_box(self, i: int) -> tuple[int, int, int, int] | None:
-        fn = getattr(self.base, "part_box", None)
-        return None if fn is None else fn(self.indices[i])
+        return self.base.part_box(self.indices[i])
+
+    def part_points(self, i: int) -> np.ndarray | None:
+        return self.base.part_points(self.indices[i])
 
 
 class ArrayImages(ImageSet):
@@ -133,6 +145,12 @@ class ArrayImages(ImageSet):
         x0, y0, x1, y1 = (int(v) for v in self.boxes[i])
         return x0, y0, x1, y1
 
+    def part_points(self, i: int) -> np.ndarray | None:
+        box = self.part_box(i)
+        if box is None:
+            return None
+        return np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, 1.0]])
+
 
 class FileImages(ImageSet):
     """Image files under ``root``, optionally cropped (CUB's bird boxes)."""
@@ -145,6 +163,7 @@ class FileImages(ImageSet):
         class_names: list[str],
         ids: list[str] | None = None,
         crops: list[tuple[float, float, float, float]] | None = None,
+        points: list[np.ndarray] | None = None,
     ):
         self.root = Path(root)
         self.rel_paths = rel_paths
@@ -152,6 +171,7 @@ class FileImages(ImageSet):
         self.class_names = class_names
         self.ids = ids or rel_paths
         self.crops = crops  # (x, y, w, h) per image, in original pixels
+        self.points = points  # (Q, 3) part keypoints per image, in the loaded image's pixels
 
     def load(self, i: int) -> Image.Image:
         path = self.root / self.rel_paths[i]
@@ -175,6 +195,9 @@ class FileImages(ImageSet):
 
     def image_path(self, i: int) -> str | None:
         return self.rel_paths[i]
+
+    def part_points(self, i: int) -> np.ndarray | None:
+        return None if self.points is None else self.points[i]
 
 
 def file_path(images: ImageSet, i: int) -> Path | None:
@@ -273,7 +296,9 @@ def _read_table(path: Path, ncols: int) -> dict[int, list[str]]:
 
 def cub_splits(root: Path) -> tuple[FileImages, FileImages]:
     """CUB-200-2011 in its own layout: birds cropped by bounding_boxes.txt, the official
-    train/test split from train_test_split.txt, class names from classes.txt."""
+    train/test split from train_test_split.txt, class names from classes.txt; with
+    parts/part_locs.txt, each image's part keypoints (in the cropped image's pixels; a
+    part outside the crop is not visible)."""
     root = Path(root)
     images = _read_table(root / "images.txt", 2)
     labels = _read_table(root / "image_class_labels.txt", 2)
@@ -283,10 +308,12 @@ def cub_splits(root: Path) -> tuple[FileImages, FileImages]:
     class_ids = sorted(classes)
     names = [classes[c][0].split(".", 1)[-1] for c in class_ids]
     index_of = {c: k for k, c in enumerate(class_ids)}
+    locs = _part_locs(root / "parts" / "part_locs.txt")
     out: dict[str, tuple[list[str], list[int], list[str], list[tuple[float, ...]]]] = {
         "train": ([], [], [], []),
         "test": ([], [], [], []),
     }
+    points: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     for img_id in sorted(images):
         for table, what in ((labels, "a class"), (split, "a split"), (boxes, "a box")):
             if img_id not in table:
@@ -300,13 +327,43 @@ def cub_splits(root: Path) -> tuple[FileImages, FileImages]:
         labs.append(index_of[cls])
         ids.append(f"cub:{img_id}")
         crops.append(tuple(float(v) for v in boxes[img_id]))
+        if locs is not None:
+            x, y, w, h = crops[-1]
+            p = locs.get(img_id, np.zeros((0, 3))).copy()
+            p[:, 0] -= max(0, int(x))  # the crop FileImages.load makes
+            p[:, 1] -= max(0, int(y))
+            inside = (p[:, 0] >= 0) & (p[:, 0] < w) & (p[:, 1] >= 0) & (p[:, 1] < h)
+            p[:, 2] = p[:, 2] * inside
+            points[which].append(p)
     sets = []
     for which in ("train", "test"):
         paths, labs, ids, crops = out[which]
         if not paths:
             raise DatasetError(f"CUB at {str(root)!r} has no {which} images")
-        sets.append(FileImages(root, paths, labs, names, ids, crops))  # type: ignore[arg-type]
+        pts = points[which] if locs is not None else None
+        sets.append(FileImages(root, paths, labs, names, ids, crops, pts))  # type: ignore[arg-type]
     return sets[0], sets[1]
+
+
+def _part_locs(path: Path) -> dict[int, np.ndarray] | None:
+    """CUB's parts/part_locs.txt (image id, part id, x, y, visible) -> per image a
+    (Q, 3) array ordered by part id; None when the file is absent."""
+    if not path.is_file():
+        return None
+    rows: dict[int, dict[int, tuple[float, float, float]]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 5:
+            raise DatasetError(f"part_locs.txt line {n}: expected 5 columns, got {line!r}")
+        img, part = int(parts[0]), int(parts[1])
+        rows.setdefault(img, {})[part] = (float(parts[2]), float(parts[3]), float(parts[4]))
+    ids = sorted({q for r in rows.values() for q in r})
+    return {
+        img: np.array([r.get(q, (0.0, 0.0, 0.0)) for q in ids], dtype=np.float64)
+        for img, r in rows.items()
+    }
 
 
 def read_idx(path: Path) -> np.ndarray:

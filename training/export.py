@@ -204,12 +204,12 @@ def measure_interpretability(
         img = test.load(i)
         xs.append(tf(to_model_mode(img, prep)))
         labels.append(test.labels[i])
-        box = getattr(test, "part_box", lambda _: None)(i)  # synthetic sets have them
-        if box is not None:  # in the model input's pixels
+        pts = test.part_points(i)
+        if pts is not None:  # to the model input's pixels
             x0, y0, x1, y1 = input_region(img.width, img.height, prep)
             sx, sy = prep.img_size / (x1 - x0), prep.img_size / (y1 - y0)
             parts.append(
-                [(box[0] - x0) * sx, (box[1] - y0) * sy, (box[2] - x0) * sx, (box[3] - y0) * sy]
+                np.stack([(pts[:, 0] - x0) * sx, (pts[:, 1] - y0) * sy, pts[:, 2]], axis=1)
             )
     has_parts = bool(parts) and len(parts) == len(xs)
     model.eval()
@@ -217,21 +217,22 @@ def measure_interpretability(
         model,
         torch.stack(xs) if xs else torch.zeros(0, 3, prep.img_size, prep.img_size),
         labels,
-        torch.tensor(parts) if has_parts else None,
+        torch.from_numpy(np.stack(parts)) if has_parts else None,
         seed=cfg.train.seed,
     )
     classes = model.prototype_class_identity.argmax(dim=1).cpu()
     dup = quality.duplicate_of(
         [(r.source_image_id, r.patch_hw) for r in records], model.prototype_vectors
     )
-    part_of = getattr(splits.train, "part_box", None)  # the synthetic set's part boxes
-    index_of = {splits.train.image_id(i): i for i in range(len(splits.train))} if part_of else {}
+    train = splits.train
+    has_boxes = len(train) > 0 and train.part_box(0) is not None  # the synthetic set
+    index_of = {train.image_id(i): i for i in range(len(train))} if has_boxes else {}
     rows = []
     for j in range(model.num_prototypes):
         std = quality.patch_flatness(visuals[j].patch) if visuals and j in visuals else None
         rec = records[j]
         src = index_of.get(rec.source_image_id) if rec.source_image_id is not None else None
-        part = part_of(src) if part_of and src is not None else None
+        part = train.part_box(src) if src is not None else None
         off = None if part is None or rec.box is None else not quality.boxes_overlap(rec.box, part)
         near = (nearest or {}).get(j, [])
         rows.append(

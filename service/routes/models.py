@@ -84,6 +84,15 @@ async def get_model(name: ModelPath, registry: RegistryDep) -> ModelDetail:
     )
 
 
+@router.get("/{name}/history")
+async def alias_history(name: ModelPath, registry: RegistryDep) -> list[dict]:
+    """Every alias move of the model, oldest first: alias, version, previous, at, by, and
+    for a move the promotion gate refused and ``--force`` let through, ``forced`` and the
+    figures it was forced past (``python -m model_store history``)."""
+    m, _ = await registry.manifest(name)
+    return await asyncio.to_thread(registry.store.alias_history, m.name)
+
+
 @router.get("/{name}/card", response_class=HTMLResponse)
 async def model_card(name: ModelPath, registry: RegistryDep) -> HTMLResponse:
     """The model card (one self-contained HTML page, the report's Content-Security-Policy):

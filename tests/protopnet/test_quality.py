@@ -46,14 +46,15 @@ def test_sparsity_is_the_own_class_share_of_weight_mass() -> None:
     assert abs(last_layer_sparsity(w, classes) - own / 4.7) < 1e-7  # float32 weights
 
 
-def _brute_force(model, images, labels, parts, seed):
+def _brute_force(model, images, labels, points, seed):
     """Per image of each prototype's class, one at a time: the box of the clean and the
-    noisy copy (the same noise draws as box_agreement's, class by class, batch by batch)."""
+    noisy copy (the same noise draws as box_agreement's, class by class, batch by batch);
+    which visible parts are inside each; per prototype its most frequent part's share."""
     classes = model.prototype_class_identity.argmax(dim=1)
     g = torch.Generator().manual_seed(seed)
     labels_t = torch.tensor(labels)
     stable = {j: [] for j in range(len(classes))}
-    held = {j: [] for j in range(len(classes))}
+    held = {j: [] for j in range(len(classes))}  # per image: the tuple of parts inside
     for k in torch.unique(labels_t).tolist():
         idx = torch.nonzero(labels_t == k).flatten()
         noise = NOISE_STD * torch.randn(images[idx].shape, generator=g)  # one batch
@@ -65,31 +66,38 @@ def _brute_force(model, images, labels, parts, seed):
                         d = model.distances(model.conv_features(x[None]))[0, j]
                     m = upsample_maps(model.similarity(d)[None].float(), (32, 32))
                     x0, y0, x1, y1 = percentile_boxes(m)[0].tolist()
-                    cx, cy = (parts[i][0] + parts[i][2]) / 2, (parts[i][1] + parts[i][3]) / 2
-                    answers.append((x0 <= cx < x1 and y0 <= cy < y1, int(d.argmin())))
-                held[j].append(answers[0][0])
-                stable[j].append(answers[0][0] == answers[1][0])
-    return stable, held
+                    inside = tuple(
+                        bool(v > 0 and x0 <= px < x1 and y0 <= py < y1) for px, py, v in points[i]
+                    )
+                    answers.append(inside)
+                held[j].append(answers[0])
+                stable[j].append(answers[0] == answers[1])
+    share = {
+        j: max(np.mean([h[q] for h in hs]) for q in range(len(points[0]))) if hs else None
+        for j, hs in held.items()
+    }
+    return stable, share
 
 
 def test_stability_and_part_share_against_one_image_at_a_time() -> None:
     model = texture_model()
     tf = eval_transform(PREP)
     rng = np.random.default_rng(1)
-    boxes, xs, labels = [], [], []
+    points, xs, labels = [], [], []
     for n in range(9):
         x0, y0 = (int(v) for v in rng.integers(0, 40, size=2))
-        boxes.append((x0 // 2, y0 // 2, (x0 + 24) // 2, (y0 + 24) // 2))  # input pixels
+        # Input pixels: the square's centre, a corner of it, and a part not visible.
+        c = ((x0 + 12) / 2, (y0 + 12) / 2)
+        points.append([[c[0], c[1], 1.0], [x0 / 2 + 1, y0 / 2 + 1, 1.0], [c[0], c[1], 0.0]])
         xs.append(tf(red_square_image(64, 64, (x0, y0, x0 + 24, y0 + 24))))
         labels.append(n % 3)
     images = torch.stack(xs)
-    parts = torch.tensor(boxes, dtype=torch.float32)
-    got = box_agreement(model, images, labels, parts, seed=4, batch_size=64)
-    stable, held = _brute_force(model, images, labels, boxes, seed=4)
+    got = box_agreement(model, images, labels, torch.tensor(points), seed=4, batch_size=64)
+    stable, share = _brute_force(model, images, labels, points, seed=4)
     for j in range(model.num_prototypes):
-        assert got.images[j] == len(held[j]) == 3
+        assert got.images[j] == len(stable[j]) == 3
         assert abs(got.stability[j] - np.mean(stable[j])) < 1e-6
-        assert abs(got.part_share[j] - np.mean(held[j])) < 1e-6
+        assert abs(got.part_share[j] - share[j]) < 1e-6
     # Prototype 0 is "red": its box holds the red square on its class's images.
     assert got.part_share[0] == 1.0
     # Without part boxes, stability is whether the best cell survives the noise.

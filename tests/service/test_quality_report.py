@@ -5,6 +5,7 @@ prototype is flat background or a duplicate, and the model's figures in the foot
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -35,10 +36,19 @@ def _quality() -> Interpretability:
 
 
 @pytest.fixture(scope="module")
-def quality_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def quality_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("quality-store")
     build_photo_model(ModelStore(root), interpretability=_quality())
-    s = start_server(tmp_path_factory.mktemp("quality-server"), root, default_model="photo")
+    return root
+
+
+@pytest.fixture(scope="module")
+def quality_server(
+    quality_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    s = start_server(
+        tmp_path_factory.mktemp("quality-server"), quality_store, default_model="photo"
+    )
     yield s
     s.stop()
 
@@ -67,3 +77,20 @@ def test_report_flags_weak_prototypes_and_states_the_figures(
     assert "4 are flat background" in footer and "on 90% of images" in footer
     assert "62% of the last layer's weight" in footer
     page.close()
+
+
+def test_alias_history_over_http(quality_server: ServerProcess, quality_store: Path) -> None:
+    """What the promotion gate recorded, as a front end reads it."""
+    store = ModelStore(quality_store)
+    store.promote("photo", "1", "reviewed", forced=True, failed=["stability"])
+    with httpx.Client(base_url=quality_server.url, timeout=60) as client:
+        r = client.get("/models/photo/history")
+        assert r.status_code == 200
+        moves = r.json()
+        assert client.get("/models/nope/history").status_code == 404
+    assert moves == store.alias_history("photo")
+    assert moves[0]["alias"] == "latest" and moves[0]["version"] == "1"  # the publish
+    assert moves[-1] | {"at": None, "by": None} == {
+        "alias": "reviewed", "version": "1", "previous": None, "at": None, "by": None,
+        "forced": True, "failed": ["stability"],
+    }  # fmt: skip

@@ -118,6 +118,31 @@ def test_cub_layout_crops_splits_and_names(tmp_path: Path) -> None:
         assert np.array_equal(np.asarray(cropped), np.asarray(full)[y0:y1, x0:x1])
 
 
+def test_cub_part_locations_follow_the_crop(tmp_path: Path) -> None:
+    """parts/part_locs.txt: each image's keypoints in the cropped image's pixels, by part
+    id; a part outside the bird box, or marked not visible, is not visible."""
+    boxes = make_cub(tmp_path)
+    (tmp_path / "parts").mkdir()
+    rows = []
+    for img_id, (x0, y0, x1, _) in boxes.items():
+        rows += [
+            f"{img_id} 2 {x0 + 3}.0 {y0 + 4}.0 1",  # inside the box
+            f"{img_id} 1 {x1 + 5}.0 {y0 + 1}.0 1",  # outside it
+            f"{img_id} 3 {x0 + 1}.0 {y0 + 1}.0 0",  # not visible
+        ]
+    (tmp_path / "parts" / "part_locs.txt").write_text("\n".join(rows) + "\n")
+    train, test = cub_splits(tmp_path)
+    for images in (train, test):
+        for i in range(len(images)):
+            p = images.part_points(i)
+            assert p is not None and p.shape == (3, 3)  # parts 1, 2, 3 in id order
+            assert p[1].tolist() == [3.0, 4.0, 1.0]
+            assert p[0, 2] == 0.0 and p[2, 2] == 0.0
+    assert train.subset([2]).part_points(0).tolist() == train.part_points(2).tolist()
+    (tmp_path / "parts" / "part_locs.txt").unlink()
+    assert cub_splits(tmp_path)[0].part_points(0) is None
+
+
 def test_cub_missing_file_is_named(tmp_path: Path) -> None:
     make_cub(tmp_path)
     (tmp_path / "bounding_boxes.txt").unlink()
