@@ -123,29 +123,32 @@ def nearest_training_patches(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ImageSet]:
     """Each prototype's k nearest training patches, at most one per image, among a
     stratified sample of the training split: (P, k) distances, (P, k) indices into the
-    returned sample, (P, k) latent cells (flat), and the sample."""
+    returned sample, (P, k, H', W') the prototype's distance map on each of those images
+    (kept from the search, so drawing them needs no second forward), and the sample."""
     train = splits.train
     order = stratified_order(train.labels, cfg.train.seed)[:NEAREST_IMAGES]
     sample = train.subset(sorted(order))
     P = model.num_prototypes
     best_d = torch.full((P, 0), float("inf"))
     best_i = torch.zeros((P, 0), dtype=torch.long)
-    best_c = torch.zeros((P, 0), dtype=torch.long)
+    best_m: torch.Tensor | None = None  # (P, k, H', W')
     seen = 0
     model.eval()
     for x, _, _ in eval_loader(sample, prep, cfg):
-        d = model.distances(model.conv_features(x.to(device))).flatten(2).cpu()  # (B, P, L)
-        md, cell = d.min(dim=2)  # (B, P)
+        d = model.distances(model.conv_features(x.to(device))).cpu()  # (B, P, H', W')
+        maps = d.transpose(0, 1)  # (P, B, H', W')
+        md = maps.flatten(2).min(dim=2).values  # (P, B)
         idx = torch.arange(seen, seen + len(x))
         seen += len(x)
-        all_d = torch.cat([best_d, md.t()], dim=1)
+        all_d = torch.cat([best_d, md], dim=1)
         all_i = torch.cat([best_i, idx.expand(P, -1)], dim=1)
-        all_c = torch.cat([best_c, cell.t()], dim=1)
+        all_m = maps if best_m is None else torch.cat([best_m, maps], dim=1)
         top = all_d.topk(min(k, all_d.shape[1]), dim=1, largest=False)
         best_d = top.values
         best_i = all_i.gather(1, top.indices)
-        best_c = all_c.gather(1, top.indices)
-    return best_d, best_i, best_c, sample
+        best_m = all_m[torch.arange(P)[:, None], top.indices]
+    assert best_m is not None, "an empty training split"
+    return best_d, best_i, best_m, sample
 
 
 def add_nearest_patches(
@@ -160,25 +163,25 @@ def add_nearest_patches(
     one strip of ``NEAREST_TILE`` px tiles into ``visuals[j].nearest``; each tile is the
     95th-percentile box of the prototype's similarity map on that image, cropped from the
     model's view of it. Returns their images' classes, per prototype."""
-    _, idx, _, sample = nearest_training_patches(model, splits, prep, cfg, device)
+    _, idx, dist, sample = nearest_training_patches(model, splits, prep, cfg, device)
     tf = eval_transform(prep)
     mean = torch.tensor(prep.mean).view(3, 1, 1)
     std = torch.tensor(prep.std).view(3, 1, 1)
     S = prep.img_size
     classes: dict[int, list[int]] = {}
     for j, vis in visuals.items():
-        xs = torch.stack([tf(to_model_mode(sample.load(int(i)), prep)) for i in idx[j]])
-        with torch.no_grad():
-            d = model.distances(model.conv_features(xs.to(device)))[:, j]  # (k, H', W')
-        maps = upsample_maps(model.similarity(d).float().cpu(), (S, S))
+        maps = upsample_maps(model.similarity(dist[j]).float(), (S, S))  # (k, S, S)
         tiles = []
-        for x, (x0, y0, x1, y1) in zip(xs, percentile_boxes(maps).tolist(), strict=True):
+        for i, (x0, y0, x1, y1) in zip(
+            idx[j].tolist(), percentile_boxes(maps).tolist(), strict=True
+        ):
+            x = tf(to_model_mode(sample.load(i), prep))
             rgb = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             tile = Image.fromarray(rgb[y0:y1, x0:x1]).resize((NEAREST_TILE, NEAREST_TILE))
             tiles.append(np.asarray(tile))
             tiles.append(np.full((NEAREST_TILE, 2, 3), 255, dtype=np.uint8))
         vis.nearest = np.ascontiguousarray(np.concatenate(tiles[:-1], axis=1))
-        classes[j] = [int(sample.labels[int(i)]) for i in idx[j]]
+        classes[j] = [int(sample.labels[i]) for i in idx[j].tolist()]
     return classes
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from model_store import ModelStore
@@ -64,3 +65,37 @@ def test_export_publishes_the_prototypes_quality(parts_run) -> None:  # type: ig
     assert q.consistency is not None and 0 <= q.consistency <= 1
     assert q.stability is not None and 0 <= q.stability <= 1
     assert all(r.part_share is not None for r in q.per_prototype)
+
+
+def test_nearest_training_patches_against_one_image_at_a_time() -> None:
+    from protopnet.preprocess import eval_transform, to_model_mode
+    from tests.protopnet.scenes import texture_model
+    from training.config import load_config
+    from training.export import nearest_training_patches
+
+    # Three batches of 16: the running top-k merges across them.
+    cfg = load_config(
+        "synthetic", ["data.synthetic.train_per_class=12", "train.eval_batch_size=16"]
+    )
+    splits = build_splits(cfg.data, cfg.train.seed)
+    model = texture_model()
+    prep = cfg.model.preprocessing()
+    dist, idx, maps, sample = nearest_training_patches(
+        model, splits, prep, cfg, torch.device("cpu"), k=3
+    )
+    tf = eval_transform(prep)
+    with torch.no_grad():
+        per_image = torch.stack(
+            [
+                model.distances(model.conv_features(tf(to_model_mode(sample.load(i), prep))[None]))[
+                    0
+                ]
+                for i in range(len(sample))
+            ]
+        )  # (N, P, H', W')
+    best = per_image.flatten(2).min(dim=2).values  # (N, P)
+    for j in range(model.num_prototypes):
+        want = best[:, j].argsort()[:3]
+        assert idx[j].tolist() == want.tolist()
+        torch.testing.assert_close(dist[j], best[want, j])
+        torch.testing.assert_close(maps[j], per_image[want, j])
