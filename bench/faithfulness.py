@@ -98,6 +98,7 @@ def _maps_on_parts(config: str, images: int, reuse: str | None = None) -> dict[s
         "prp": lambda x, j, cell, d: prp.attribute(x, [j], cell),
     }
     hits: dict[str, list[bool]] = {k: [] for k in makers}
+    hits_right: dict[str, list[bool]] = {k: [] for k in makers}  # where the answer is right
     own: dict[str, list[float]] = {k: [] for k in makers}
     rnd: dict[str, list[float]] = {k: [] for k in makers}
     cost: dict[str, list[float]] = {k: [] for k in makers}
@@ -109,7 +110,8 @@ def _maps_on_parts(config: str, images: int, reuse: str | None = None) -> dict[s
         with torch.no_grad():
             out = model.forward_full(x[None])
         k = int(out.logits.argmax())
-        right += int(k == test.labels[i])
+        correct = k == test.labels[i]
+        right += int(correct)
         mine = torch.nonzero(classes == k).flatten()
         j = int(mine[out.min_distances[0, mine].argmin()])
         d = out.distances[0, j]
@@ -121,6 +123,8 @@ def _maps_on_parts(config: str, images: int, reuse: str | None = None) -> dict[s
             cost[name].append(time.perf_counter() - t0)
             py, px = divmod(int(m[0].argmax()), S)
             hits[name].append(x0 <= px < x1 and y0 <= py < y1)
+            if correct:
+                hits_right[name].append(hits[name][-1])
             r = receipts(model, x, [j], percentile_boxes(m), cell, seed=i)[0]
             own[name].append(r.deletion_ratio)
             rnd[name].append(r.random_deletion_ratio)
@@ -133,6 +137,7 @@ def _maps_on_parts(config: str, images: int, reuse: str | None = None) -> dict[s
         "test_accuracy": round(right / n, 4),
         "images": n,
         "pointing_game": {k: mean(v) for k, v in hits.items()},
+        "pointing_game_answer_right": {k: mean(v) for k, v in hits_right.items()},
         "deletion_ratio": {k: mean(v) for k, v in own.items()},
         "random_deletion_ratio": {k: mean(v) for k, v in rnd.items()},
         "map_ms": {k: round(1e3 * float(np.median(v)), 3) for k, v in cost.items()},

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from model_store import ModelStore
+from protopnet.quality import BACKGROUND_STD
 from training.config import validate_config
 from training.data import build_splits
 
@@ -51,7 +52,7 @@ def test_export_publishes_the_prototypes_quality(parts_run) -> None:  # type: ig
         bx0, by0, bx1, by1 = rec.box
         off = not (bx0 < px1 and px0 < bx1 and by0 < py1 and py0 < by1)
         assert row.off_object == off
-        assert row.background == (std < 0.03 or off)
+        assert row.background == (std < BACKGROUND_STD or off)
     assert q.background_prototypes == sum(bool(r.background) for r in q.per_prototype)
     # Sparsity from the published weights.
     w = loaded.model.last_layer.weight.detach().abs()
