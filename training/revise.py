@@ -23,12 +23,11 @@ from model_store.manifest import Lineage
 from model_store.store import PrototypeVisuals
 from protokit.devices import pick_device
 from protopnet.errors import ProtoPNetError
-from training import engine
 from training.config import ConfigError, validate_config
 from training.data import DatasetError, build_splits
 from training.export import measure_interpretability
 from training.prune import reindex_records
-from training.run import class_weights_for, eval_loader, metrics_from_test
+from training.run import metrics_from_test, refit_last_layer
 
 
 class ReviseError(ProtoPNetError):
@@ -105,26 +104,7 @@ def revise(
     prep = m.preprocessing
     model.prune_prototypes(drop)
     records, maps = reindex_records(m.prototypes, loaded.activation_maps(), drop)
-    sims, labels = engine.collect_similarities(model, eval_loader(splits.train, prep, cfg), device)
-    last = engine.train_last_layer(
-        model,
-        sims,
-        labels,
-        cfg.prune.last_layer_epochs,
-        cfg.train.lr.last_layer,
-        cfg.train.loss,
-        cfg.train.last_layer_batch_size,
-        seed=cfg.train.seed,
-        class_weights=class_weights_for(cfg, splits, device),
-    )
-    test = engine.evaluate(
-        model, eval_loader(splits.test, prep, cfg), cfg.train.loss, device, confusion=True
-    )
-    val = (
-        engine.evaluate(model, eval_loader(splits.val, prep, cfg), cfg.train.loss, device)
-        if len(splits.val)
-        else None
-    )
+    last, val, test = refit_last_layer(model, splits, prep, cfg, device)
     metrics = {
         "val_accuracy": None if val is None else val["accuracy"],
         **metrics_from_test(test, m.class_names),

@@ -528,6 +528,34 @@ def class_weights_for(cfg: RunConfig, splits: Splits, device: torch.device) -> t
     return engine.balanced_class_weights(splits.train.class_counts()).to(device)
 
 
+def refit_last_layer(
+    model: ProtoPNet, splits: Splits, prep: Preprocessing, cfg: RunConfig, device: torch.device
+) -> tuple[dict[str, float], dict[str, Any] | None, dict[str, Any]]:
+    """The convex last-layer stage on the training split's similarity scores (after
+    pruning or revision removed prototypes), then the validation (None without one) and
+    test evaluations, the test's with its confusion matrix."""
+    sims, labels = engine.collect_similarities(model, eval_loader(splits.train, prep, cfg), device)
+    last = engine.train_last_layer(
+        model,
+        sims,
+        labels,
+        cfg.prune.last_layer_epochs,
+        cfg.train.lr.last_layer,
+        cfg.train.loss,
+        cfg.train.last_layer_batch_size,
+        seed=cfg.train.seed,
+        class_weights=class_weights_for(cfg, splits, device),
+    )
+    loss = cfg.train.loss
+    val = (
+        engine.evaluate(model, eval_loader(splits.val, prep, cfg), loss, device)
+        if len(splits.val)
+        else None
+    )
+    test = engine.evaluate(model, eval_loader(splits.test, prep, cfg), loss, device, confusion=True)
+    return last, val, test
+
+
 def metrics_from_test(evaluated: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
     """A test evaluation (with its confusion matrix) as the metrics a model is published
     with: accuracy, balanced accuracy, and per class its images, recall and precision."""
@@ -585,33 +613,7 @@ def prune_checkpoint(
     records, maps = ck.records, ck.activation_maps
     if records is not None:
         records, maps = reindex_records(records, maps, result.pruned)
-    loader = eval_loader(splits.train, ck.preprocessing, cfg)
-    sims, labels = engine.collect_similarities(model, loader, device)
-    last = engine.train_last_layer(
-        model,
-        sims,
-        labels,
-        cfg.prune.last_layer_epochs,
-        cfg.train.lr.last_layer,
-        cfg.train.loss,
-        cfg.train.last_layer_batch_size,
-        seed=cfg.train.seed,
-        class_weights=class_weights_for(cfg, splits, device),
-    )
-    val = (
-        engine.evaluate(
-            model, eval_loader(splits.val, ck.preprocessing, cfg), cfg.train.loss, device
-        )
-        if len(splits.val)
-        else None
-    )
-    test = engine.evaluate(
-        model,
-        eval_loader(splits.test, ck.preprocessing, cfg),
-        cfg.train.loss,
-        device,
-        confusion=True,
-    )
+    last, val, test = refit_last_layer(model, splits, ck.preprocessing, cfg, device)
     info = {
         "source": source_tag,
         "k": k,
