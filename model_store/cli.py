@@ -92,31 +92,20 @@ def cmd_promote(store: ModelStore, args: argparse.Namespace) -> int:
     """Move an alias, through the promotion gate (``model_store.gate``) when it already
     points at another version: refused (exit 1, the comparison printed) if the candidate
     is worse by more than the tolerance, unless ``--force``."""
-    candidate = store.load(f"{args.name}@{args.target}").manifest
-    current_version = store.aliases(args.name).get(args.alias)
-    failed: list[str] = []
-    if current_version is not None and current_version != candidate.version:
-        current = store.load(f"{args.name}@{current_version}").manifest
-        rows = gate.compare(current, candidate, args.tolerance)
+    done = gate.promote(store, args.name, args.target, args.alias, args.tolerance, args.force)
+    if done.rows:
         print(
             gate.table(
-                rows, f"{args.alias}={current_version}", f"cand.={candidate.version}",
+                done.rows, f"{args.alias}={done.previous}", f"cand.={done.candidate}",
                 args.tolerance,
             )
         )  # fmt: skip
-        failed = [r.figure for r in rows if not r.passed]
-        if failed and not args.force:
-            print(
-                f"refused: {args.name}@{candidate.version} is worse than "
-                f"{args.name}@{current_version} on {', '.join(failed)} by more than "
-                f"{args.tolerance:g}; {args.alias} stays at {current_version} "
-                "(--force promotes anyway, and the alias history records it)",
-                file=sys.stderr,
-            )
-            return 1
-    version = store.promote(args.name, args.target, args.alias, forced=bool(failed), failed=failed)
-    forced = f" (forced past: {', '.join(failed)})" if failed else ""
-    print(f"{args.name}@{args.alias} -> {version}{forced}")
+    if not done.promoted:
+        print(f"refused: {done.refusal().replace('force promotes', '--force promotes')}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    forced = f" (forced past: {', '.join(done.failed)})" if done.forced else ""
+    print(f"{args.name}@{args.alias} -> {done.candidate}{forced}")
     return 0
 
 

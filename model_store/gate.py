@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from model_store.manifest import Manifest
+from model_store.store import ModelStore
 
 TOLERANCE = 0.01
 
@@ -91,3 +92,58 @@ def table(rows: list[GateRow], current: str, candidate: str, tolerance: float) -
             f"{r.figure:24s} {f(r.current):>14s} {f(r.candidate):>14s} {change:>8s}  {verdict}"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What the gate decided for one alias move (``promote``)."""
+
+    name: str
+    alias: str
+    candidate: str  # the version asked for
+    previous: str | None  # where the alias pointed before (None: a new alias)
+    rows: list[GateRow]  # empty when nothing was compared (new alias, or same version)
+    failed: list[str]  # the figures worse by more than the tolerance
+    promoted: bool  # False: refused, the alias did not move
+    tolerance: float
+
+    @property
+    def forced(self) -> bool:
+        return self.promoted and bool(self.failed)
+
+    def refusal(self) -> str:
+        return (
+            f"{self.name}@{self.candidate} is worse than {self.name}@{self.previous} on "
+            f"{', '.join(self.failed)} by more than {self.tolerance:g}; {self.alias} stays "
+            f"at {self.previous} (force promotes anyway, and the alias history records it)"
+        )
+
+
+def promote(
+    store: ModelStore,
+    name: str,
+    target: str,
+    alias: str,
+    tolerance: float = TOLERANCE,
+    force: bool = False,
+    by: str | None = None,
+) -> Promotion:
+    """Move ``alias`` of ``name`` to ``target`` (a version or an alias) through the gate:
+    when the alias already points at another version, the candidate is compared with
+    it and the move is refused (``promoted`` False, nothing written) if any figure is
+    worse by more than ``tolerance``, unless ``force``; ``by`` goes in the alias
+    history. The command line and the HTTP route both call this."""
+    candidate = store.verify(f"{name}@{target}")  # a damaged candidate is never promoted
+    previous = store.aliases(name).get(alias)
+    rows: list[GateRow] = []
+    if previous is not None and previous != candidate.version:
+        rows = compare(store.manifest(f"{name}@{previous}"), candidate, tolerance)
+    failed = [r.figure for r in rows if not r.passed]
+    decided = dict(
+        name=name, alias=alias, candidate=candidate.version, previous=previous, rows=rows,
+        failed=failed, tolerance=tolerance,
+    )  # fmt: skip
+    if failed and not force:
+        return Promotion(**decided, promoted=False)  # type: ignore[arg-type]
+    store.promote(name, candidate.version, alias, forced=bool(failed), failed=failed, by=by)
+    return Promotion(**decided, promoted=True)  # type: ignore[arg-type]

@@ -101,8 +101,10 @@ def _record_move(
     version: str,
     forced: bool = False,
     failed: Sequence[str] = (),
+    by: str | None = None,
 ) -> None:
-    """Point ``alias`` at ``version`` in ``registry`` and append the move to its history."""
+    """Point ``alias`` at ``version`` in ``registry`` and append the move to its history
+    (``by``: who moved it; default the user running this process)."""
     previous = registry["aliases"].get(alias)
     registry["aliases"][alias] = version
     registry.setdefault("history", []).append(
@@ -111,7 +113,7 @@ def _record_move(
             "version": version,
             "previous": previous,
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "by": _who(),
+            "by": by or _who(),
             "forced": forced,
             "failed": list(failed),
         }
@@ -747,6 +749,7 @@ class ModelStore:
         alias: str,
         forced: bool = False,
         failed: Sequence[str] = (),
+        by: str | None = None,
     ) -> str:
         """Point ``alias`` of ``name`` at ``target`` (a version or another alias).
 
@@ -766,7 +769,7 @@ class ModelStore:
             if version not in self._versions(name):  # removed meanwhile
                 raise UnknownNameError("version", version, self._versions(name))
             registry = self._registry(name)
-            _record_move(registry, alias, version, forced, failed)
+            _record_move(registry, alias, version, forced, failed, by)
             _write_json_atomic(d / REGISTRY, registry)
         return version
 

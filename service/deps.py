@@ -14,9 +14,10 @@ from fastapi import Depends, Path, Query, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from service.cache import ExplanationCache
-from service.errors import BadOptionError, UnauthorizedError, validation_message
+from service.errors import BadOptionError, ForbiddenError, UnauthorizedError, validation_message
 from service.explanations import ExplanationService
 from service.registry import ModelRegistry
+from service.revisions import Revisions
 from service.schemas import HeatmapMode, MapMethod
 from service.settings import Settings
 from service.uploads import Upload, read_upload
@@ -40,10 +41,15 @@ async def get_explanations(request: Request) -> ExplanationService:
     return request.app.state.explanations
 
 
+async def get_revisions(request: Request) -> Revisions:
+    return request.app.state.revisions
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 CacheDep = Annotated[ExplanationCache, Depends(get_cache)]
 ExplanationsDep = Annotated[ExplanationService, Depends(get_explanations)]
+RevisionsDep = Annotated[Revisions, Depends(get_revisions)]
 
 # Path parameters shared by several routes, described once for the API docs.
 ModelPath = Annotated[
@@ -74,26 +80,59 @@ def root_of(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/")
 
 
-async def require_api_key(request: Request) -> None:
-    """When API keys are configured, every resource route needs one of them."""
-    settings: Settings = request.app.state.settings
-    if not settings.api_keys:
-        return
+def _given_key(request: Request, settings: Settings) -> str | None:
     given = request.headers.get(settings.api_key_header)
     if given is None:
         auth = request.headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
+    return given
+
+
+def _matches(given: str, keys: list[str]) -> bool:
+    return any(secrets.compare_digest(given.encode(), k.encode()) for k in keys)
+
+
+async def require_api_key(request: Request) -> None:
+    """When API keys are configured, every resource route needs one of them (an admin
+    key counts as one)."""
+    settings: Settings = request.app.state.settings
+    if not settings.api_keys:
+        return
+    given = _given_key(request, settings)
     if given is None:
         raise UnauthorizedError(
             f"this service needs an API key: send it in the {settings.api_key_header} header "
             "(or as Authorization: Bearer <key>)"
         )
-    if not any(secrets.compare_digest(given.encode(), k.encode()) for k in settings.api_keys):
+    if not _matches(given, [*settings.api_keys, *settings.admin_keys]):
         raise UnauthorizedError(f"the API key in {settings.api_key_header} is not valid")
 
 
+async def require_admin_key(request: Request) -> None:
+    """The routes that change the store (promote, revise) need an admin key; with none
+    configured they are off."""
+    settings: Settings = request.app.state.settings
+    if not settings.admin_keys:
+        raise ForbiddenError(
+            "changing the store over HTTP is off on this service: start it with "
+            "PROTOPNET_ADMIN_KEYS set (and a writable store), or use `python -m model_store "
+            "promote` and `python -m training revise`"
+        )
+    given = _given_key(request, settings)
+    if given is None:
+        raise UnauthorizedError(
+            f"changing the store needs an admin key: send it in the "
+            f"{settings.api_key_header} header (or as Authorization: Bearer <key>)"
+        )
+    if not _matches(given, settings.admin_keys):
+        raise ForbiddenError(
+            f"the key in {settings.api_key_header} is not an admin key (PROTOPNET_ADMIN_KEYS)"
+        )
+
+
 ApiKey = Depends(require_api_key)
+AdminKey = Depends(require_admin_key)
 
 
 # -- options --------------------------------------------------------------------------

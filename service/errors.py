@@ -82,6 +82,10 @@ class UnauthorizedError(ServiceError):
     status, code = 401, "unauthorized"
 
 
+class ForbiddenError(ServiceError):
+    status, code = 403, "forbidden"
+
+
 class QueueFullError(ServiceError):
     status, code = 503, "overloaded"
 

@@ -25,6 +25,7 @@ from service.images import configure_pillow
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, configure_logging
 from service.registry import ModelRegistry, Runtime
+from service.revisions import Revisions
 from service.routes import explain, explanations, health, kserve, models
 from service.settings import Settings
 
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.cache = cache
         app.state.registry = registry
         app.state.explanations = ExplanationService(settings, cache, pool, metrics)
+        app.state.revisions = revisions = Revisions(settings.store)
         loading = asyncio.create_task(registry.load_startup_models(settings.model_retry_s))
         log.info(
             "service starting",
@@ -109,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+            await revisions.close()
             await registry.close()
             await cache.close()
             pool.shutdown(wait=True)

@@ -262,6 +262,11 @@ class ModelDetail(BaseModel):
         "prototypes, sparsity, stability, consistency; per_prototype figures); null: "
         "published before these were measured",
     )
+    lineage: dict | None = Field(
+        default=None,
+        description="for a revised version: derived_from, removed_prototypes, reason, by, "
+        "at; null: trained, not revised",
+    )
 
 
 class PrototypeInfo(BaseModel):
@@ -281,6 +286,88 @@ class PrototypeList(BaseModel):
     name: str
     version: str
     prototypes: list[PrototypeInfo]
+
+
+# -- changing the store (admin keys) ----------------------------------------------------
+
+WHO = Field(
+    default=None,
+    max_length=200,
+    description="who asks, recorded in the store's history (default: 'http')",
+)
+
+
+class AliasMove(BaseModel):
+    """PUT /models/{name}/aliases/{alias}: point the alias at a version, through the
+    promotion gate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(min_length=1, max_length=64, description="a version or an alias")
+    tolerance: float = Field(
+        default=0.01, ge=0, le=1, description="how much worse a figure may be (points of 1)"
+    )
+    force: bool = Field(default=False, description="move even if the gate refuses")
+    by: str | None = WHO
+
+
+class GateFigure(BaseModel):
+    figure: str
+    current: float | None
+    candidate: float | None
+    higher_is_better: bool
+    worse_by: float | None = Field(description="None: not measured on both, not judged")
+    passed: bool
+
+
+class AliasMoved(BaseModel):
+    name: str
+    alias: str
+    version: str
+    previous: str | None
+    promoted: bool
+    forced: bool
+    failed: list[str] = Field(description="figures worse by more than the tolerance")
+    tolerance: float
+    comparison: list[GateFigure] = Field(
+        description="candidate against the alias's current version; empty when there was "
+        "nothing to compare (a new alias, or the same version)"
+    )
+
+
+class RevisionRequest(BaseModel):
+    """POST /models/{name}/revisions: remove prototypes and refit the last layer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    remove: list[int] = Field(min_length=1, max_length=10_000, description="prototype indices")
+    reason: str | None = Field(default=None, max_length=2000)
+    name: str | None = Field(default=None, max_length=64, description="publish under another name")
+    aliases: list[str] = Field(
+        default_factory=lambda: ["latest"], max_length=16, description="aliases to point at it"
+    )
+    by: str | None = WHO
+
+
+class Revision(BaseModel):
+    """A revision's record: running, then done (with the command line's result) or
+    failed (with its error)."""
+
+    id: str
+    model: str = Field(description="the version it derives from, name@version")
+    remove: list[int]
+    reason: str | None
+    name: str | None
+    aliases: list[str]
+    by: str
+    state: Literal["running", "done", "failed"]
+    started_at: str
+    finished_at: str | None
+    result: dict | None = Field(
+        description="published (name@version), test accuracy before and after, seconds"
+    )
+    error: str | None
+    url: str | None = None
 
 
 # -- health ---------------------------------------------------------------------------

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     # Empty: no key needed. Set: every route needs one but /healthz and /readyz (probes);
     # /metrics too (Prometheus sends it: ``authorization: {credentials: <key>}``).
     api_keys: CommaList = Field(default_factory=list)
+    # Keys that may also change the store over HTTP (PUT an alias through the promotion
+    # gate, POST a revision). Empty: those routes answer 403. Give them to an instance
+    # with a writable store, not to the read-only serving replicas.
+    admin_keys: CommaList = Field(default_factory=list)
     # /docs, /redoc and /openapi.json. Unset: served unless API keys are set (a keyed
     # service does not describe itself to strangers); true or false decides outright.
     docs: bool | None = None
@@ -115,7 +119,7 @@ class Settings(BaseSettings):
     graceful_shutdown_s: int = Field(default=30, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("models", "api_keys", "cors_origins", mode="before")
+    @field_validator("models", "api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):

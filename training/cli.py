@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--alias", action="append", help="aliases to point at it (repeatable; default: latest)"
     )
+    p.add_argument("--by", help="who asked, for the lineage (default: the user running it)")
 
     p = verbs.add_parser("ensemble", help="test accuracy of several runs' summed logits")
     p.add_argument(
@@ -325,7 +326,9 @@ def cmd_revise(args: argparse.Namespace) -> int:
             f"{args.remove!r}"
         ) from None
     store = None if args.store is None else str(args.store)
-    _print(revise(store, args.model, remove, args.reason, args.name, args.alias or ["latest"]))
+    _print(
+        revise(store, args.model, remove, args.reason, args.name, args.alias or ["latest"], args.by)
+    )
     return 0
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from model_store import ModelStore
-from model_store.manifest import Lineage
+from model_store.manifest import Lineage, Manifest
 from model_store.store import PrototypeVisuals
 from protokit.devices import pick_device
 from protopnet.errors import ProtoPNetError
@@ -50,24 +50,12 @@ def _visuals(loaded: Any, keep: Sequence[int]) -> dict[int, PrototypeVisuals]:
     return out
 
 
-def revise(
-    store_root: str | None,
-    ref: str,
-    remove: Sequence[int],
-    reason: str | None = None,
-    name: str | None = None,
-    aliases: Sequence[str] = ("latest",),
-) -> dict[str, Any]:
-    """Remove prototypes ``remove`` of ``ref`` (name@version), refit its last layer on the
-    training split and publish the result. Returns what was done, with the test accuracy
-    before and after."""
-    t0 = time.perf_counter()
-    store = ModelStore(store_root)
-    loaded = store.load(ref)
-    m = loaded.manifest
+def check_removal(m: Manifest, remove: Sequence[int]) -> tuple[list[int], list[int]]:
+    """What a revision of ``m`` removing ``remove`` would drop and keep, or a
+    ``ReviseError`` saying why it cannot be made; reads only the manifest, so the service
+    checks a request with it before starting the refit."""
     source = f"{m.name}@{m.version}"
-    model = loaded.model
-    P = model.num_prototypes
+    P = len(m.prototypes)
     drop = sorted(set(int(j) for j in remove))
     if not drop:
         raise ReviseError("nothing to remove: give --remove with prototype indices, e.g. 12,40")
@@ -77,7 +65,7 @@ def revise(
             f"unknown prototype {bad[0]}: {source} has prototypes 0..{P - 1}"
             + (f" ({len(bad)} unknown)" if len(bad) > 1 else "")
         )
-    classes = model.prototype_class_identity.argmax(dim=1).tolist()
+    classes = [p.class_index for p in m.prototypes]
     keep = [j for j in range(P) if j not in set(drop)]
     emptied = sorted({classes[j] for j in drop} - {classes[j] for j in keep})
     if emptied:
@@ -94,6 +82,30 @@ def revise(
             "layer is refitted on the training split, so revise needs a model trained and "
             "exported by `python -m training`"
         )
+    return drop, keep
+
+
+def revise(
+    store_root: str | None,
+    ref: str,
+    remove: Sequence[int],
+    reason: str | None = None,
+    name: str | None = None,
+    aliases: Sequence[str] = ("latest",),
+    by: str | None = None,
+) -> dict[str, Any]:
+    """Remove prototypes ``remove`` of ``ref`` (name@version), refit its last layer on the
+    training split and publish the result; ``by`` (default: the user running it) goes in
+    the lineage. Returns what was done, with the test accuracy before and after."""
+    t0 = time.perf_counter()
+    store = ModelStore(store_root)
+    loaded = store.load(ref)
+    m = loaded.manifest
+    source = f"{m.name}@{m.version}"
+    model = loaded.model
+    P = model.num_prototypes
+    drop, keep = check_removal(m, remove)
+    plain = {k: v for k, v in m.training_config.items() if k not in ("checkpoint", "run_dir")}
     try:
         cfg = validate_config(plain, f"{source}'s training configuration")
         splits = build_splits(cfg.data, cfg.train.seed)
@@ -121,7 +133,7 @@ def revise(
         derived_from=source,
         removed_prototypes=drop,
         reason=reason,
-        by=getpass.getuser(),
+        by=by or getpass.getuser(),
         at=datetime.now(UTC),
         kept_prototypes=keep,
     )

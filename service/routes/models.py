@@ -1,4 +1,5 @@
-"""GET /models, /models/{name}, its prototypes and their pictures from the store."""
+"""GET /models, /models/{name}, its prototypes and their pictures from the store; with an
+admin key, PUT an alias through the promotion gate and POST a revision."""
 
 from __future__ import annotations
 
@@ -6,15 +7,29 @@ import asyncio
 from collections import Counter
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 
+from model_store import gate
+from model_store.store import ModelStore, check_name
 from service.card import render_card
-from service.deps import ApiKey, ModelPath, PrototypePath, RegistryDep, SettingsDep, root_of
-from service.errors import NotFoundError
+from service.deps import (
+    AdminKey,
+    ApiKey,
+    ModelPath,
+    PrototypePath,
+    RegistryDep,
+    RevisionsDep,
+    SettingsDep,
+    root_of,
+)
+from service.errors import BadOptionError, ErrorBody, NotFoundError, request_id_of
 from service.report import REPORT_CSP
 from service.schemas import (
+    AliasMove,
+    AliasMoved,
     Box,
+    GateFigure,
     ImageKind,
     LatentCell,
     ModelDetail,
@@ -23,6 +38,8 @@ from service.schemas import (
     PrototypeInfo,
     PrototypeLinks,
     PrototypeList,
+    Revision,
+    RevisionRequest,
     Size,
 )
 
@@ -81,6 +98,7 @@ async def get_model(name: ModelPath, registry: RegistryDep) -> ModelDetail:
         interpretability=(
             None if m.interpretability is None else m.interpretability.model_dump(mode="json")
         ),
+        lineage=None if m.lineage is None else m.lineage.model_dump(mode="json"),
     )
 
 
@@ -171,3 +189,97 @@ async def prototype_image(
         media_type="image/png",
         headers={"Cache-Control": f"public, max-age={settings.cache_ttl_s}"},
     )
+
+
+# -- changing the store (admin keys) ----------------------------------------------------
+
+AliasPath = Annotated[str, Path(description="the alias to point, e.g. production")]
+RevisionId = Annotated[str, Path(description="the id a POST of a revision answered")]
+
+
+def _plain_name(name: str) -> str:
+    if "@" in name:
+        raise BadOptionError(
+            f"give the model's name here, not a version: {name.split('@', 1)[0]!r}, "
+            "with the version in the body"
+        )
+    return name
+
+
+@router.put(
+    "/{name}/aliases/{alias}",
+    response_model=AliasMoved,
+    dependencies=[AdminKey],
+    responses={409: {"description": "refused by the promotion gate: the error and the "
+                     "comparison, the alias unmoved"}},
+)  # fmt: skip
+async def move_alias(
+    name: ModelPath, alias: AliasPath, body: AliasMove, registry: RegistryDep, request: Request
+) -> AliasMoved | JSONResponse:
+    """Point ``alias`` at ``version`` through the promotion gate (``python -m model_store
+    promote``): when the alias points at another version, the candidate is compared with
+    it and the move refused (409) if its test accuracy or any prototype-quality figure is
+    worse by more than ``tolerance``, unless ``force``; the alias history records who
+    moved it and, when forced, past which figures."""
+    done = await asyncio.to_thread(
+        gate.promote, registry.store, _plain_name(name), body.version, alias,
+        body.tolerance, body.force, body.by or "http",
+    )  # fmt: skip
+    moved = AliasMoved(
+        name=done.name, alias=done.alias, version=done.candidate, previous=done.previous,
+        promoted=done.promoted, forced=done.forced, failed=done.failed,
+        tolerance=done.tolerance,
+        comparison=[GateFigure(**vars(r)) for r in done.rows],
+    )  # fmt: skip
+    if done.promoted:
+        return moved
+    error = ErrorBody(
+        code="gate_refused", message=done.refusal(), request_id=request_id_of(request)
+    )
+    return JSONResponse({"error": error.model_dump(), "promotion": moved.model_dump()}, 409)
+
+
+def _revision(record: dict, request: Request) -> Revision:
+    name = record["model"].split("@", 1)[0]
+    return Revision(**record, url=f"{root_of(request)}/models/{name}/revisions/{record['id']}")
+
+
+@router.post("/{name}/revisions", response_model=Revision, status_code=202, dependencies=[AdminKey])
+async def start_revision(
+    name: ModelPath,
+    body: RevisionRequest,
+    registry: RegistryDep,
+    revisions: RevisionsDep,
+    request: Request,
+    response: Response,
+) -> Revision:
+    """Remove prototypes from ``name`` (name@version or an alias: the version it points
+    at now) and refit its last layer on the training split, publishing a new version with
+    its lineage (``python -m training revise``). Answers 202 at once: the refit takes
+    minutes, the record at ``url`` says when it is done and what was published. A request
+    the revision cannot honour (an unknown prototype, a class left without prototypes, a
+    model without its training data recorded) is refused here, with a 422."""
+    m, _ = await registry.manifest(name)
+    if body.name is not None:
+        check_name("model", body.name)
+    for alias in body.aliases:
+        ModelStore._check_alias_name(alias)
+    record = revisions.start(
+        m, body.remove, body.reason, body.name, body.aliases, body.by or "http"
+    )
+    out = _revision(record, request)
+    response.headers["Location"] = out.url or ""
+    return out
+
+
+@router.get("/{name}/revisions/{rid}", response_model=Revision)
+async def get_revision(
+    name: ModelPath, rid: RevisionId, revisions: RevisionsDep, request: Request
+) -> Revision:
+    """A revision's record: running, done (what was published, test accuracy before and
+    after) or failed (the error, in the command line's words)."""
+    plain = _plain_name(name)
+    record = await asyncio.to_thread(revisions.record, plain, rid)
+    if record is None:
+        raise NotFoundError(f"no revision {rid!r} of {plain} in this store")
+    return _revision(record, request)

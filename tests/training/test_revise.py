@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from model_store import ModelStore
 from tests.model_store.conftest import publish_tiny
+from tests.support.servers import start_server
 from tests.training.conftest import run_cli
 from training import engine
 from training.config import validate_config
@@ -83,3 +86,49 @@ def test_revise_errors_say_what_is_wrong(parts_run, tmp_path: Path) -> None:  # 
     proc = run_cli("revise", "--store", str(tiny.root), "--model", "tiny@1", "--remove", "1")
     assert proc.returncode == 2 and "no training configuration and data recorded" in proc.stderr
     assert ModelStore(root).versions("parts") == ["1"]  # nothing was published
+
+
+@pytest.mark.slow
+def test_revise_over_http(parts_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """POST a revision to a real service with an admin key: 202 at once, a second one
+    refused while it runs, the record done with what was published, the new version's
+    lineage in its JSON and card; a revision the service is stopped during ends failed."""
+    store_root = tmp_path / "store"
+    shutil.copytree(parts_run.store, store_root)
+    key = {"X-API-Key": "admin"}
+    server = start_server(
+        tmp_path, store_root, default_model="parts", models="parts", admin_keys="admin"
+    )
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            body = {"remove": [4, 0], "reason": "on the clutter", "by": "dr. reviewer"}
+            r = c.post("/models/parts/revisions", json=body, headers=key)
+            assert r.status_code == 202, r.text
+            started = r.json()
+            assert started["state"] == "running" and started["model"] == "parts@1"
+            assert r.headers["location"] == started["url"]
+            busy = c.post("/models/parts/revisions", json={"remove": [1]}, headers=key)
+            assert busy.status_code == 409 and started["id"] in busy.json()["error"]["message"]
+            deadline = time.monotonic() + 600
+            while (record := c.get(started["url"]).json())["state"] == "running":
+                assert time.monotonic() < deadline, record
+                time.sleep(0.5)
+            assert record["state"] == "done", record
+            assert record["result"]["published"] == "parts@2"
+            assert record["result"]["removed"] == [0, 4] and record["finished_at"]
+            detail = c.get("/models/parts@latest").json()
+            assert detail["version"] == "2" and detail["num_prototypes"] == 10
+            lineage = detail["lineage"]
+            assert (lineage["derived_from"], lineage["removed_prototypes"]) == ("parts@1", [0, 4])
+            assert (lineage["reason"], lineage["by"]) == ("on the clutter", "dr. reviewer")
+            card = c.get("/models/parts@2/card").text
+            assert "Revised from <strong>parts@1</strong>" in card and "on the clutter" in card
+
+            r = c.post("/models/parts@1/revisions", json={"remove": [1]}, headers=key)
+            assert r.status_code == 202
+            stopped = r.json()
+    finally:
+        server.stop()
+    record = json.loads((store_root / "parts" / ".revisions" / f"{stopped['id']}.json").read_text())
+    assert record["state"] == "failed" and "service stopped" in record["error"], record
+    assert ModelStore(store_root).versions("parts") == ["1", "2"]  # nothing half-published
