@@ -1,0 +1,140 @@
+"""Drumond, Viéville and Alexandre's soft-max prototype model (NIPS 2017 TIML workshop).
+
+After a trunk's whole-image embedding x = f(I) (the trunk's feature map, average-pooled),
+J prototypes p_j, **not** assigned to classes, each take the probability
+
+    q_j(x) = softmax_j(-||x - p_j||^2 / 2)
+
+and a second soft-max maps those to classes, c_l(x) = softmax_l(w_l^T q(x)). Training
+minimises cross-entropy plus alpha ||w||_1 (``penalty="l1"``) or alpha ||w||_2^2
+(``"l2"``). A prototype is a neighbourhood of the embedding space, so one may serve
+several classes; its class association is its column of w.
+
+The paper updates a prototype by a proximity-weighted k-means step. Here prototypes are
+k-means-initialised (:func:`kmeans_prototypes`) and then follow the gradient of the same
+loss, whose derivative with respect to p_j is that proximity-weighted pull: the sum over
+images of q_j(x) (g_j - sum_i q_i g_i) (x - p_j), g = W^T (c - y).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protopnet.backbones import Trunk
+
+Penalty = Literal["l1", "l2"]
+
+
+class PrototypeSoftmax(nn.Module):
+    """The two soft-max layers on an embedding: q (prototype probabilities) and the class
+    logits w^T q. Used alone on precomputed embeddings (a frozen trunk) or in
+    :class:`DrumondNet`."""
+
+    def __init__(self, num_prototypes: int, num_classes: int, dim: int):
+        super().__init__()
+        if num_prototypes < num_classes:
+            raise ValueError(
+                f"num_prototypes ({num_prototypes}) must be at least num_classes ({num_classes})"
+            )
+        self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) * 0.01)
+        self.class_weights = nn.Parameter(torch.zeros(num_classes, num_prototypes))
+
+    def prototype_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """q: (B, D) embeddings -> (B, J), each row summing to 1."""
+        # ||x - p||^2 = ||x||^2 - 2 x.p + ||p||^2; ||x||^2 is the same for every j, so it
+        # cancels in the soft-max and is left out (it is also the term that would lose
+        # precision on large embeddings).
+        logits = x @ self.prototypes.T - 0.5 * (self.prototypes**2).sum(1)
+        return torch.softmax(logits, dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits w^T q (B, K), q (B, J)); softmax of the first is c."""
+        q = self.prototype_probabilities(x)
+        return q @ self.class_weights.T, q
+
+    def penalty(self, kind: Penalty) -> torch.Tensor:
+        w = self.class_weights
+        return w.abs().sum() if kind == "l1" else (w**2).sum()
+
+    def loss(
+        self, x: torch.Tensor, labels: torch.Tensor, alpha: float, kind: Penalty
+    ) -> torch.Tensor:
+        """Mean cross-entropy of c against ``labels`` plus alpha times the penalty on w."""
+        logits, _ = self(x)
+        return F.cross_entropy(logits, labels) + alpha * self.penalty(kind)
+
+
+class DrumondNet(nn.Module):
+    """A trunk, global average pooling, and :class:`PrototypeSoftmax`. ``train_trunk``
+    says whether training moves the trunk (fine-tuned) or only the head (frozen)."""
+
+    def __init__(
+        self, trunk: Trunk, num_prototypes: int, num_classes: int, train_trunk: bool = False
+    ):
+        super().__init__()
+        self.features = trunk
+        self.head = PrototypeSoftmax(num_prototypes, num_classes, trunk.out_channels)
+        self.train_trunk = train_trunk
+        trunk.requires_grad_(train_trunk)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images).mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.embed(images))
+
+
+def kmeans_prototypes(embeddings: torch.Tensor, num_prototypes: int, seed: int = 0) -> torch.Tensor:
+    """k-means centres of ``embeddings`` (N, D), the paper's suggested initialisation."""
+    from sklearn.cluster import KMeans
+
+    x = embeddings.detach().double().cpu().numpy()
+    if num_prototypes > len(x):
+        raise ValueError(f"{num_prototypes} prototypes need at least as many images, got {len(x)}")
+    km = KMeans(n_clusters=num_prototypes, n_init=4, random_state=seed).fit(x)
+    return torch.from_numpy(np.asarray(km.cluster_centers_)).to(embeddings.dtype)
+
+
+def initial_class_weights(
+    q: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: float = 4.0
+) -> torch.Tensor:
+    """A start for w: each prototype votes for the classes of the images it matches
+    (``scale`` times their share of its q mass), so training begins from a sensible
+    association instead of all zeros."""
+    onehot = F.one_hot(labels, num_classes).to(q.dtype)  # (N, K)
+    mass = onehot.T @ q  # (K, J)
+    return scale * mass / mass.sum(0, keepdim=True).clamp_min(1e-12)
+
+
+def fit_head(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    num_prototypes: int,
+    alpha: float,
+    penalty: Penalty,
+    steps: int = 300,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> PrototypeSoftmax:
+    """Train :class:`PrototypeSoftmax` on fixed embeddings (a frozen trunk): k-means
+    prototypes, then full-batch Adam on the loss. Deterministic for a given ``seed``."""
+    torch.manual_seed(seed)
+    x = embeddings.float()
+    head = PrototypeSoftmax(num_prototypes, num_classes, x.shape[1])
+    with torch.no_grad():
+        head.prototypes.copy_(kmeans_prototypes(x, num_prototypes, seed))
+        head.class_weights.copy_(
+            initial_class_weights(head.prototype_probabilities(x), labels, num_classes)
+        )
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        head.loss(x, labels, alpha, penalty).backward()
+        opt.step()
+    return head.eval()
