@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--pool", type=int, default=100, help="images per class")
     ap.add_argument("--img-size", type=int, default=96)
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(True)
     record: dict[str, Any] = {"device": device_name(), "paper_omniglot": PAPER, "datasets": {}}
     record["settings"] = {
         "shots": SHOTS, "subsets": args.subsets, "pool_per_class": args.pool,
