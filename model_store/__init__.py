@@ -1,4 +1,4 @@
-"""The model store: versioned, verifiable ProtoPNet artifacts between training and serving.
+"""The model store: versioned, verifiable ProtoPNet (and Drumond) artifacts between training and serving.
 
 store = ModelStore(root)                 # None -> $PROTOPNET_STORE, else ./store
 store.publish(name, model, preprocessing, class_names, prototypes, ...)
@@ -12,10 +12,19 @@ from model_store.errors import (
     StoreError,
     UnsafePickleError,
     VersionExistsError,
+    WrongKindError,
 )
-from model_store.manifest import Manifest, Metrics, PrototypeRecord
+from model_store.manifest import (
+    AnyManifest,
+    DrumondManifest,
+    DrumondPrototype,
+    Manifest,
+    Metrics,
+    PrototypeRecord,
+)
 from model_store.store import (
     IMAGE_KINDS,
+    LoadedDrumond,
     LoadedModel,
     ModelEntry,
     ModelStore,
@@ -25,8 +34,12 @@ from model_store.store import (
 
 __all__ = [
     "IMAGE_KINDS",
+    "AnyManifest",
+    "DrumondManifest",
+    "DrumondPrototype",
     "IntegrityError",
     "InvalidNameError",
+    "LoadedDrumond",
     "LoadedModel",
     "Manifest",
     "Metrics",
@@ -38,5 +51,6 @@ __all__ = [
     "StoreError",
     "UnsafePickleError",
     "VersionExistsError",
+    "WrongKindError",
     "prototype_image_path",
 ]

@@ -34,3 +34,12 @@ class PublishError(StoreError, ValueError):
 
 class UnsafePickleError(StoreError):
     """A file that holds pickled objects; loading it would run code from the file."""
+
+
+class WrongKindError(StoreError):
+    """A version of one model kind asked for where another is needed (a Drumond model's
+    reference given to ProtoPNet-only code)."""
+
+    def __init__(self, ref: str, kind: str, needed: str, what: str = "this"):
+        self.ref, self.kind, self.needed = ref, kind, needed
+        super().__init__(f"{ref} is a {kind} model; {what} needs a {needed} model")

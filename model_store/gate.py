@@ -12,34 +12,39 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from model_store.manifest import Manifest
+from model_store.manifest import AnyManifest, Interpretability
 from model_store.store import ModelStore
 
 TOLERANCE = 0.01
 
 
-def _share(count: Callable[[Manifest], int | None]) -> Callable[[Manifest], float | None]:
-    def of(m: Manifest) -> float | None:
-        q = m.interpretability
-        n = None if q is None else count(m)
-        return None if q is None or n is None or q.prototypes == 0 else n / q.prototypes
+def _quality(m: AnyManifest) -> Interpretability | None:
+    """The prototypes' quality figures (a Drumond version has none: not judged)."""
+    return getattr(m, "interpretability", None)
+
+
+def _share(count: Callable[[Interpretability], int]) -> Callable[[AnyManifest], float | None]:
+    def of(m: AnyManifest) -> float | None:
+        q = _quality(m)
+        return None if q is None or q.prototypes == 0 else count(q) / q.prototypes
 
     return of
 
 
-def _interp(field: str) -> Callable[[Manifest], float | None]:
-    def of(m: Manifest) -> float | None:
-        return None if m.interpretability is None else getattr(m.interpretability, field)
+def _interp(field: str) -> Callable[[AnyManifest], float | None]:
+    def of(m: AnyManifest) -> float | None:
+        q = _quality(m)
+        return None if q is None else getattr(q, field)
 
     return of
 
 
 # (name, how to read it, higher is better)
-FIGURES: tuple[tuple[str, Callable[[Manifest], float | None], bool], ...] = (
+FIGURES: tuple[tuple[str, Callable[[AnyManifest], float | None], bool], ...] = (
     ("test_accuracy", lambda m: m.metrics.test_accuracy, True),
     ("test_balanced_accuracy", lambda m: m.metrics.test_balanced_accuracy, True),
-    ("unique_share", _share(lambda m: m.interpretability.unique_prototypes), True),  # type: ignore[union-attr]
-    ("background_share", _share(lambda m: m.interpretability.background_prototypes), False),  # type: ignore[union-attr]
+    ("unique_share", _share(lambda q: q.unique_prototypes), True),
+    ("background_share", _share(lambda q: q.background_prototypes), False),
     ("sparsity", _interp("sparsity"), True),
     ("stability", _interp("stability"), True),
     ("consistency", _interp("consistency"), True),
@@ -56,7 +61,9 @@ class GateRow:
     passed: bool
 
 
-def compare(current: Manifest, candidate: Manifest, tolerance: float = TOLERANCE) -> list[GateRow]:
+def compare(
+    current: AnyManifest, candidate: AnyManifest, tolerance: float = TOLERANCE
+) -> list[GateRow]:
     """One row per figure; a row fails when the candidate is worse by more than
     ``tolerance``."""
     if tolerance < 0:
@@ -137,7 +144,7 @@ def promote(
     previous = store.aliases(name).get(alias)
     rows: list[GateRow] = []
     if previous is not None and previous != candidate.version:
-        rows = compare(store.manifest(f"{name}@{previous}"), candidate, tolerance)
+        rows = compare(store.any_manifest(f"{name}@{previous}"), candidate, tolerance)
     failed = [r.figure for r in rows if not r.passed]
     decided = dict(
         name=name, alias=alias, candidate=candidate.version, previous=previous, rows=rows,

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from pydantic import ValidationError
 
 from model_store.errors import IntegrityError
-from model_store.manifest import Manifest
+from model_store.manifest import AnyManifest, ManifestBase, parse_manifest
 
 MANIFEST = "manifest.json"
 MANIFEST_HASH = "manifest.sha256"
@@ -51,7 +51,7 @@ def _display(folder: Path, rel: str) -> str:
     return str(folder / rel)
 
 
-def read_manifest(folder: Path) -> tuple[Manifest, str]:
+def read_manifest(folder: Path) -> tuple[AnyManifest, str]:
     """Parse ``manifest.json`` after checking it against ``manifest.sha256``.
 
     Returns the manifest and the manifest file's SHA-256 (a cache key for the version).
@@ -76,7 +76,7 @@ def read_manifest(folder: Path) -> tuple[Manifest, str]:
             f"changed after publishing: SHA-256 is {actual}, {MANIFEST_HASH} records {recorded}",
         )
     try:
-        manifest = Manifest.model_validate_json(raw)
+        manifest = parse_manifest(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(root)"
@@ -96,7 +96,7 @@ def listed_files(folder: Path) -> set[str]:
 
 
 def check_files(
-    folder: Path, manifest: Manifest, skip: Iterable[str] = (), workers: int = 4
+    folder: Path, manifest: ManifestBase, skip: Iterable[str] = (), workers: int = 4
 ) -> None:
     """Raise IntegrityError naming the first file that is missing, changed or unexpected.
 
@@ -138,7 +138,7 @@ def check_digest(folder: Path, rel: str, expected: str, actual: str) -> None:
         )
 
 
-def read_verified(folder: Path, manifest: Manifest, rel: str) -> bytes:
+def read_verified(folder: Path, manifest: ManifestBase, rel: str) -> bytes:
     """Read one listed file and check its hash on the bytes actually returned."""
     if rel not in manifest.files:
         raise IntegrityError(_display(folder, rel), "not listed in the manifest")

@@ -9,16 +9,23 @@ A published version is a folder that never changes again:
     prototypes/<j>_patch.png   the prototype's box crop of its source image
     prototypes/<j>_source.png  the source image with the box drawn
     prototypes/<j>_activation.png  the self-activation overlay on the source image
+
+A version's ``kind`` says which model it holds: "protopnet" (:class:`Manifest`, every
+version published before kinds existed) or "drumond" (:class:`DrumondManifest`, Drumond
+et al.'s soft-max prototypes: weights.safetensors and prototypes/<j>_nearest.png, each
+prototype's nearest training images).
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from protopnet.config import Preprocessing, ProtoPNetConfig
+from protopnet.drumond import DrumondConfig
 
 SCHEMA_VERSION: Final = 1
 
@@ -129,22 +136,76 @@ class Lineage(BaseModel):
     kept_prototypes: list[int] = Field(default_factory=list)  # new index -> old index
 
 
-class Manifest(BaseModel):
+class ManifestBase(BaseModel):
+    """What every kind of version records: its name, input, classes, files."""
+
     model_config = ConfigDict(extra="forbid")
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str
     version: str
-    architecture: ProtoPNetConfig
     preprocessing: Preprocessing
     class_names: list[str]
-    prototypes: list[PrototypeRecord]
     training_config: dict[str, Any] = Field(default_factory=dict)
     metrics: Metrics = Field(default_factory=Metrics)
     code_version: str = "unknown"
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256 hex
+
+
+class DrumondPrototype(BaseModel):
+    """One of a Drumond model's prototypes, measured at export on (a stratified sample
+    of) the training split. Its neighbourhood: the training images whose most probable
+    prototype it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    class_weights: list[float]  # its column of w: what matching it adds to each class logit
+    matched_images: int  # training images in its neighbourhood
+    matched_classes: list[int]  # of those, per class
+    nearest_image_ids: list[str] = Field(default_factory=list)  # nearest first
+    nearest_classes: list[int] = Field(default_factory=list)
+    nearest_distances: list[float] = Field(default_factory=list)  # squared L2 to p_j
+    has_images: bool = False  # prototypes/<j>_nearest.png present
+
+    @property
+    def class_shares(self) -> list[float]:
+        """``matched_classes`` as shares (all zero for an empty neighbourhood)."""
+        n = sum(self.matched_classes)
+        return [c / n if n else 0.0 for c in self.matched_classes]
+
+
+class DrumondManifest(ManifestBase):
+    """A version of Drumond et al.'s soft-max prototype model (``protopnet.drumond``)."""
+
+    kind: Literal["drumond"]
+    architecture: DrumondConfig
+    prototypes: list[DrumondPrototype]
+    embedded_images: int = 0  # training images the neighbourhoods were measured on
+
+
+class Manifest(ManifestBase):
+    """A ProtoPNet version."""
+
+    kind: Literal["protopnet"] = "protopnet"
+    architecture: ProtoPNetConfig
+    prototypes: list[PrototypeRecord]
     source: Literal["training", "import-reference"] = "training"
     familiarity: FamiliarityInfo | None = None  # None: published without calibration
     interpretability: Interpretability | None = None  # None: published before it existed
     lineage: Lineage | None = None  # None: not a revision of another version
-    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256 hex
+
+
+AnyManifest = Manifest | DrumondManifest
+
+
+def parse_manifest(raw: bytes | str) -> AnyManifest:
+    """A manifest.json of any kind (raises pydantic's ValidationError)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None  # the ProtoPNet schema reports it
+    if isinstance(data, dict) and data.get("kind") == "drumond":
+        return DrumondManifest.model_validate_json(raw)
+    return Manifest.model_validate_json(raw)

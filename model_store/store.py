@@ -28,12 +28,12 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from model_store.errors import (
     PublishError,
     StoreError,
     VersionExistsError,
+    WrongKindError,
 )
 from model_store.integrity import (
     MANIFEST,
@@ -57,15 +58,20 @@ from model_store.integrity import (
     sha256_bytes,
 )
 from model_store.manifest import (
+    AnyManifest,
+    DrumondManifest,
+    DrumondPrototype,
     FamiliarityInfo,
     Interpretability,
     Lineage,
     Manifest,
+    ManifestBase,
     Metrics,
     PrototypeRecord,
 )
 from protokit.atomic import atomic_write, fsync_dir
 from protopnet.config import Preprocessing
+from protopnet.drumond import DrumondNet, create_drumond
 from protopnet.errors import ShapeError, UnknownNameError, WeightsError
 from protopnet.familiarity import METHOD as FAMILIARITY_METHOD
 from protopnet.familiarity import Familiarity
@@ -85,6 +91,7 @@ _TMP_PREFIX = ".publish-"
 _RACY_NS = 2_000_000_000  # a change this recent may not show in stat times yet
 _STALE_SECONDS = 24 * 3600  # a temp folder of a live process older than this is abandoned
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+M = TypeVar("M", bound=ManifestBase)
 
 
 def _who() -> str:
@@ -235,6 +242,20 @@ class LoadedModel:
             raise IntegrityError(str(self.path / FAMILIARITY), str(exc)) from exc
 
 
+@dataclass
+class LoadedDrumond:
+    """A verified Drumond version (``protopnet.drumond``), its model rebuilt."""
+
+    manifest: DrumondManifest
+    model: DrumondNet  # eval mode, CPU, weights loaded strictly
+    path: Path
+    manifest_sha256: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.manifest.name}@{self.manifest.version}"
+
+
 # ---------------------------------------------------------------------------------------
 # Small file-system helpers
 
@@ -247,6 +268,18 @@ def _write(path: Path, data: bytes) -> str:
         f.flush()
         os.fsync(f.fileno())
     return sha256_bytes(data)
+
+
+def _protopnet(manifest: AnyManifest) -> Manifest:
+    if not isinstance(manifest, Manifest):
+        ref = f"{manifest.name}@{manifest.version}"
+        raise WrongKindError(ref, manifest.kind, "protopnet", "this")
+    return manifest
+
+
+def _write_weights(tmp: Path, model: torch.nn.Module) -> str:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return _write(tmp / WEIGHTS, save_safetensors(state, metadata={"format": "pt"}))
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -439,7 +472,7 @@ class ModelStore:
         return self.root / name / version
 
     # -- load and verify ---------------------------------------------------------------
-    def _open(self, ref: str, skip: Sequence[str] = ()) -> tuple[Path, Manifest, str]:
+    def _open(self, ref: str, skip: Sequence[str] = ()) -> tuple[Path, AnyManifest, str]:
         name, version = self.resolve(ref)
         folder = self.root / name / version
         manifest, digest = read_manifest(folder)
@@ -451,14 +484,19 @@ class ModelStore:
         check_files(folder, manifest, skip=skip)
         return folder, manifest, digest
 
-    def verify(self, ref: str) -> Manifest:
+    def verify(self, ref: str) -> AnyManifest:
         """Check every file of a version; raises IntegrityError naming the first bad one."""
         return self._open(ref)[1]
 
-    def manifest(self, ref: str) -> Manifest:
-        """The manifest of a version, checked against manifest.sha256 (files not hashed)."""
+    def any_manifest(self, ref: str) -> AnyManifest:
+        """The manifest of a version of any kind, checked against manifest.sha256."""
         name, version = self.resolve(ref)
         return read_manifest(self.root / name / version)[0]
+
+    def manifest(self, ref: str) -> Manifest:
+        """The manifest of a ProtoPNet version, checked against manifest.sha256 (files not
+        hashed); WrongKindError for another kind."""
+        return _protopnet(self.any_manifest(ref))
 
     def prototype_image_bytes(self, manifest: Manifest, j: int, kind: ImageKind) -> bytes | None:
         """Prototype j's PNG of the version ``manifest`` describes, checked against its
@@ -467,22 +505,23 @@ class ModelStore:
         folder = self.root / manifest.name / manifest.version
         return None if rel is None else read_verified(folder, manifest, rel)
 
-    def nearest_image_bytes(self, manifest: Manifest, j: int) -> bytes | None:
-        """Prototype j's strip of nearest training patches (verified); None if absent."""
+    def nearest_image_bytes(self, manifest: ManifestBase, j: int) -> bytes | None:
+        """Prototype j's strip of nearest training patches (ProtoPNet) or images
+        (Drumond), verified; None if absent."""
         rel = prototype_image_path(j, NEAREST)
         folder = self.root / manifest.name / manifest.version
         return read_verified(folder, manifest, rel) if rel in manifest.files else None
 
-    def load(self, ref: str) -> LoadedModel:
-        """Verify a version and rebuild its model (eval mode, CPU, strict weights)."""
-        folder, manifest, digest = self._open(ref, skip=(WEIGHTS,))
+    def _weights(self, folder: Path, manifest: ManifestBase) -> dict[str, torch.Tensor]:
         # Hash the very bytes that are deserialised, so nothing changes in between.
         raw = read_verified(folder, manifest, WEIGHTS)
         try:
-            state = load_safetensors(raw)
+            return load_safetensors(raw)
         except Exception as exc:  # a hash match with unreadable content: a publish bug
             raise IntegrityError(str(folder / WEIGHTS), f"unreadable safetensors: {exc}") from exc
-        model = create_model(manifest.architecture)
+
+    @staticmethod
+    def _fill(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -490,7 +529,26 @@ class ModelStore:
                 f"{folder / WEIGHTS} does not fit the manifest's architecture: {exc}"
             ) from exc
         model.eval()
+
+    def load(self, ref: str) -> LoadedModel:
+        """Verify a ProtoPNet version and rebuild its model (eval mode, CPU, strict
+        weights); WrongKindError for another kind."""
+        folder, manifest, digest = self._open(ref, skip=(WEIGHTS,))
+        manifest = _protopnet(manifest)
+        model = create_model(manifest.architecture)
+        self._fill(model, self._weights(folder, manifest), folder)
         return LoadedModel(manifest=manifest, model=model, path=folder, manifest_sha256=digest)
+
+    def load_drumond(self, ref: str) -> LoadedDrumond:
+        """Verify a Drumond version and rebuild its model (eval mode, CPU, strict weights)."""
+        folder, manifest, digest = self._open(ref, skip=(WEIGHTS,))
+        if not isinstance(manifest, DrumondManifest):
+            raise WrongKindError(
+                f"{manifest.name}@{manifest.version}", manifest.kind, "drumond", "load_drumond"
+            )
+        model = create_drumond(manifest.architecture)
+        self._fill(model, self._weights(folder, manifest), folder)
+        return LoadedDrumond(manifest=manifest, model=model, path=folder, manifest_sha256=digest)
 
     # -- writing -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -575,35 +633,133 @@ class ModelStore:
             r.model_copy(update={"has_images": r.index in visuals}) for r in prototypes
         ]  # the store, not the caller, says which images exist
 
-        d = self.root / name
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f"{_TMP_PREFIX}{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            files: dict[str, str] = {}
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            files[WEIGHTS] = _write(
-                tmp / WEIGHTS, save_safetensors(state, metadata={"format": "pt"})
-            )
+        def write(tmp: Path) -> dict[str, str]:
+            files = {WEIGHTS: _write_weights(tmp, model)}
             if activation_maps is not None:
                 maps = activation_maps.detach().float().cpu().contiguous()  # (P, H', W')
                 files[ACTIVATIONS] = _write(
                     tmp / ACTIVATIONS, save_safetensors({ACTIVATIONS_KEY: maps})
                 )
-            familiarity_info = None
             if familiarity is not None:
                 files[FAMILIARITY] = _write(
                     tmp / FAMILIARITY, save_safetensors(familiarity.tensors())
                 )
-                familiarity_info = FamiliarityInfo(
-                    method=FAMILIARITY_METHOD,
-                    fitted_on=familiarity.fitted_on,
-                    fitted_images=familiarity.fitted_images,
-                    calibrated_on=familiarity.calibrated_on,
-                    calibration_images=len(familiarity.validation_scores),
-                    percentiles=familiarity.summary(),
-                )
             files.update(self._write_images(tmp, visuals))
+            return files
+
+        familiarity_info = None
+        if familiarity is not None:
+            familiarity_info = FamiliarityInfo(
+                method=FAMILIARITY_METHOD,
+                fitted_on=familiarity.fitted_on,
+                fitted_images=familiarity.fitted_images,
+                calibrated_on=familiarity.calibrated_on,
+                calibration_images=len(familiarity.validation_scores),
+                percentiles=familiarity.summary(),
+            )
+
+        def describe(chosen: str, files: dict[str, str]) -> Manifest:
+            return Manifest(
+                name=name,
+                version=chosen,
+                architecture=model.config,
+                preprocessing=preprocessing,
+                class_names=list(class_names),
+                prototypes=records,
+                training_config=training_config,
+                metrics=metrics or Metrics(),
+                code_version=code_version(),
+                source=source,
+                familiarity=familiarity_info,
+                interpretability=interpretability,
+                lineage=lineage,
+                files=dict(sorted(files.items())),
+            )
+
+        return self._commit(name, version, alias_list, write, describe)
+
+    def publish_drumond(
+        self,
+        name: str,
+        model: DrumondNet,
+        preprocessing: Preprocessing,
+        class_names: builtins.list[str],
+        prototypes: builtins.list[DrumondPrototype],
+        nearest: Mapping[int, np.ndarray] | None = None,
+        training_config: dict[str, Any] | None = None,
+        metrics: Metrics | dict[str, Any] | None = None,
+        aliases: Sequence[str] = (DEFAULT_ALIAS,),
+        embedded_images: int = 0,
+    ) -> DrumondManifest:
+        """Write a new version of a Drumond model (``protopnet.drumond``): its weights and
+        each prototype's strip of nearest training images (``nearest``: j -> RGB)."""
+        check_name("model", name)
+        alias_list = list(dict.fromkeys(aliases))
+        for a in alias_list:
+            self._check_alias_name(a)
+        config = model.config
+        if config is None:
+            raise PublishError("the model has no DrumondConfig: build it with create_drumond")
+        if len(class_names) != config.num_classes:
+            raise PublishError(
+                f"{len(class_names)} class names for a model of {config.num_classes} classes"
+            )
+        if [p.index for p in prototypes] != list(range(config.num_prototypes)):
+            raise PublishError(
+                f"prototypes must be indexed 0..{config.num_prototypes - 1}, in order"
+            )
+        if preprocessing.img_size != config.img_size:
+            raise PublishError(
+                f"preprocessing img_size {preprocessing.img_size} differs from the "
+                f"architecture's img_size {config.img_size}"
+            )
+        strips = {j: _check_image(j, NEAREST, a) for j, a in (nearest or {}).items()}
+        records = [p.model_copy(update={"has_images": p.index in strips}) for p in prototypes]
+        if isinstance(metrics, dict):
+            metrics = Metrics.model_validate(metrics)
+
+        def write(tmp: Path) -> dict[str, str]:
+            files = {WEIGHTS: _write_weights(tmp, model)}
+            for j, arr in strips.items():
+                rel = prototype_image_path(j, NEAREST)
+                files[rel] = _write(tmp / rel, encode_png(arr))
+            return files
+
+        def describe(chosen: str, files: dict[str, str]) -> DrumondManifest:
+            return DrumondManifest(
+                kind="drumond",
+                name=name,
+                version=chosen,
+                architecture=config,
+                preprocessing=preprocessing,
+                class_names=list(class_names),
+                prototypes=records,
+                training_config=dict(training_config or {}),
+                metrics=metrics or Metrics(),
+                code_version=code_version(),
+                embedded_images=embedded_images,
+                files=dict(sorted(files.items())),
+            )
+
+        return self._commit(name, None, alias_list, write, describe)
+
+    def _commit(
+        self,
+        name: str,
+        version: str | None,
+        alias_list: builtins.list[str],
+        write: Callable[[Path], dict[str, str]],
+        describe: Callable[[str, dict[str, str]], M],
+    ) -> M:
+        """Write a version's files (``write`` into a temporary folder: relative path ->
+        SHA-256), choose its number under the lock, write the manifest ``describe``
+        makes, and rename the folder into place; point ``alias_list`` at it."""
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f"{_TMP_PREFIX}{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            files = write(tmp)
             if (tmp / "prototypes").is_dir():
                 fsync_dir(tmp / "prototypes")
 
@@ -632,22 +788,7 @@ class ModelStore:
                             f"{version!r} is already an alias of {name}; pick another version"
                         )
                     chosen = version
-                manifest = Manifest(
-                    name=name,
-                    version=chosen,
-                    architecture=model.config,
-                    preprocessing=preprocessing,
-                    class_names=list(class_names),
-                    prototypes=records,
-                    training_config=training_config,
-                    metrics=metrics or Metrics(),
-                    code_version=code_version(),
-                    source=source,
-                    familiarity=familiarity_info,
-                    interpretability=interpretability,
-                    lineage=lineage,
-                    files=dict(sorted(files.items())),
-                )
+                manifest = describe(chosen, files)
                 raw = manifest.model_dump_json(indent=2).encode()
                 _write(tmp / MANIFEST, raw)
                 _write(tmp / MANIFEST_HASH, manifest_hash_line(sha256_bytes(raw)).encode())
@@ -827,21 +968,23 @@ class ModelStore:
     def describe(self, ref: str) -> dict[str, Any]:
         """A JSON-ready summary of one version (for ``show``)."""
         name, version = self.resolve(ref)
-        m = self.manifest(f"{name}@{version}")
+        m = self.any_manifest(f"{name}@{version}")
         aliases = sorted(a for a, v in self._registry(name)["aliases"].items() if v == version)
         images = sum(1 for p in m.prototypes if p.has_images)
+        pruned = sum(1 for p in m.prototypes if isinstance(p, PrototypeRecord) and p.pruned)
         return {
             "ref": f"{name}@{version}",
             "aliases": aliases,
             "created_at": m.created_at.isoformat(),
-            "source": m.source,
+            "kind": m.kind,
+            "source": getattr(m, "source", "training"),
             "code_version": m.code_version,
             "architecture": m.architecture.model_dump(mode="json"),
             "preprocessing": m.preprocessing.model_dump(mode="json"),
             "num_classes": len(m.class_names),
             "class_names": m.class_names,
             "num_prototypes": len(m.prototypes),
-            "pruned_prototypes": sum(1 for p in m.prototypes if p.pruned),
+            "pruned_prototypes": pruned,
             "prototypes_with_images": images,
             "has_activation_maps": ACTIVATIONS in m.files,
             "metrics": m.metrics.model_dump(mode="json"),

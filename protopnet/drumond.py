@@ -18,16 +18,43 @@ images of q_j(x) (g_j - sum_i q_i g_i) (x - p_j), g = W^T (c - y).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from protopnet.backbones import Trunk
+from protopnet.backbones import Trunk, create_backbone
 
 Penalty = Literal["l1", "l2"]
+
+
+class DrumondConfig(BaseModel):
+    """The architecture of a :class:`DrumondNet`: saved with its checkpoints and in its
+    store manifest (``kind`` tells it from a ProtoPNet's)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["drumond"] = "drumond"
+    backbone: str = "small_cnn"
+    num_classes: int = Field(ge=1)
+    num_prototypes: int = Field(ge=1)
+    img_size: int = Field(224, ge=8, le=2048)
+    penalty: Penalty = "l1"
+    alpha: float = Field(1e-3, ge=0)
+    train_trunk: bool = False
+
+    @model_validator(mode="after")
+    def _enough_prototypes(self) -> DrumondConfig:
+        if self.num_prototypes < self.num_classes:
+            raise ValueError(
+                f"num_prototypes ({self.num_prototypes}) must be at least num_classes "
+                f"({self.num_classes}): the paper takes J >= K"
+            )
+        return self
 
 
 class PrototypeSoftmax(nn.Module):
@@ -74,12 +101,18 @@ class DrumondNet(nn.Module):
     says whether training moves the trunk (fine-tuned) or only the head (frozen)."""
 
     def __init__(
-        self, trunk: Trunk, num_prototypes: int, num_classes: int, train_trunk: bool = False
+        self,
+        trunk: Trunk,
+        num_prototypes: int,
+        num_classes: int,
+        train_trunk: bool = False,
+        config: DrumondConfig | None = None,
     ):
         super().__init__()
         self.features = trunk
         self.head = PrototypeSoftmax(num_prototypes, num_classes, trunk.out_channels)
         self.train_trunk = train_trunk
+        self.config = config
         trunk.requires_grad_(train_trunk)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -87,6 +120,57 @@ class DrumondNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.embed(images))
+
+
+def create_drumond(config: DrumondConfig, weights: str | None = None) -> DrumondNet:
+    """A :class:`DrumondNet` for ``config``; ``weights`` as for the trunk (None, "imagenet"
+    or a state_dict file)."""
+    trunk = create_backbone(config.backbone, weights, config.img_size)
+    return DrumondNet(
+        trunk, config.num_prototypes, config.num_classes, config.train_trunk, config=config
+    )
+
+
+@dataclass(frozen=True)
+class MatchedPrototype:
+    """One prototype an image matched: its probability q_j and the classes of the
+    training images whose best prototype it is (its neighbourhood), as shares."""
+
+    index: int
+    q: float
+    class_shares: np.ndarray  # (K,), sums to 1, or all zero for an empty neighbourhood
+
+
+# The matched prototypes are the fewest whose q adds up to this much of the image.
+MATCHED_MASS = 0.9
+# An answer is ambiguous when less than this share of its matched neighbourhoods' training
+# images (weighted by q) belong to the answered class.
+AMBIGUOUS_BELOW = 0.75
+
+
+def matched_prototypes(
+    q: np.ndarray, class_shares: np.ndarray, limit: int, mass: float = MATCHED_MASS
+) -> list[MatchedPrototype]:
+    """The most probable prototypes of one image, fewest first to ``mass`` of q (at most
+    ``limit``); ``class_shares`` (J, K) is each prototype's neighbourhood."""
+    order = np.argsort(-q, kind="stable")
+    out: list[MatchedPrototype] = []
+    total = 0.0
+    for j in order[:limit].tolist():
+        out.append(MatchedPrototype(j, float(q[j]), class_shares[j]))
+        total += float(q[j])
+        if total >= mass:
+            break
+    return out
+
+
+def neighbourhood_share(matched: list[MatchedPrototype], label: int) -> float:
+    """The q-weighted share of the matched neighbourhoods' training images in class
+    ``label``: 1.0 when every matched prototype only ever matched that class."""
+    weight = sum(m.q for m in matched if m.class_shares.sum() > 0)
+    if weight == 0:
+        return 0.0
+    return sum(m.q * float(m.class_shares[label]) for m in matched) / weight
 
 
 def kmeans_prototypes(embeddings: torch.Tensor, num_prototypes: int, seed: int = 0) -> torch.Tensor:

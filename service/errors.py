@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from model_store.errors import InvalidNameError
+from model_store.errors import InvalidNameError, WrongKindError
 from protopnet.errors import ProtoPNetError, UnknownNameError
 from service.batcher import BatcherClosed, BatcherFull
 
@@ -165,6 +165,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidNameError)
     async def _bad_name(request: Request, exc: InvalidNameError) -> JSONResponse:
         return error_response(request, 422, "invalid_option", str(exc))
+
+    @app.exception_handler(WrongKindError)
+    async def _wrong_kind(request: Request, exc: WrongKindError) -> JSONResponse:
+        # The version exists and is sound; this route cannot serve its kind of model.
+        return error_response(request, 409, "wrong_model_kind", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -32,12 +32,18 @@ from protopnet.preprocess import input_region
 from protopnet.prp import PRP
 from service import render
 from service.cache import ExplanationCache
+from service.drumond import (
+    ServedDrumond,
+    build_drumond_explanation,
+    no_familiarity,
+)
 from service.errors import NotFoundError
 from service.images import DecodedImage, decode_opened, is_small, open_image, sha256_hex
 from service.metrics import Metrics
 from service.registry import ForwardResult, ModelInput, ServedModel
 from service.schemas import (
     ClassScore,
+    DrumondExplainResponse,
     ExplainResponse,
     FamiliarityAnswer,
     HeatmapMode,
@@ -55,7 +61,7 @@ ID_LENGTH = 32  # hex characters of SHA-256 kept in explanation ids (128 bits)
 
 def explanation_id(
     image_sha256: str,
-    served: ServedModel,
+    served: ServedModel | ServedDrumond,
     top_classes: int,
     top_prototypes: int,
     max_side: int,
@@ -87,7 +93,7 @@ def is_explanation_id(value: str) -> bool:
     return len(value) == ID_LENGTH and all(c in "0123456789abcdef" for c in value)
 
 
-def model_ref(served: ServedModel) -> ModelRef:
+def model_ref(served: ServedModel | ServedDrumond) -> ModelRef:
     return ModelRef(
         name=served.name, version=served.version, manifest_sha256=served.manifest_sha256
     )
@@ -356,6 +362,11 @@ def method_box(rd: render.RenderData) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
+def is_drumond(json_bytes: bytes) -> bool:
+    """Whether a stored explanation is a Drumond model's (``DrumondExplainResponse``)."""
+    return bool(orjson.loads(json_bytes).get("kind") == "drumond")
+
+
 def pack_input(x: torch.Tensor) -> bytes:
     """The preprocessed model input (3, S, S), kept with an explanation in float16 (300
     KB at 224 px against 600 KB in float32; a receipt made from it later moves by float16
@@ -389,7 +400,7 @@ class ExplanationService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
 
-    async def decode(self, served: ServedModel, data: bytes) -> DecodedImage:
+    async def decode(self, served: ServedModel | ServedDrumond, data: bytes) -> DecodedImage:
         s, prep = self.settings, served.preprocessing
         img = open_image(data, s.max_image_pixels)  # the header only: format and size
         if is_small(img, len(data), prep):  # e.g. a 28 x 28 PNG: beats the thread hand-off
@@ -508,11 +519,39 @@ class ExplanationService:
         fields["input"] = pack_input(decoded.tensor)
         return fields
 
+    # -- /explain on a Drumond model ------------------------------------------------------
+    async def explain_drumond(
+        self, served: ServedDrumond, data: bytes, top_classes: int, top_prototypes: int
+    ) -> tuple[bytes, bool]:
+        """(a Drumond model's explanation JSON, whether it came from the cache)."""
+        sha = await self.run(sha256_hex, data) if len(data) > 1 << 20 else sha256_hex(data)
+        s = self.settings
+        eid = explanation_id(
+            sha, served, top_classes, top_prototypes, s.max_map_side,
+            s.familiarity_percentile, method="drumond",
+        )  # fmt: skip
+        cached = await self.cache.get(eid, "json", count=True)
+        if cached is not None:
+            return cached, True
+        decoded = await self.decode(served, data)
+        fwd = await served.forward(ModelInput(decoded.tensor))
+
+        def fields() -> dict[str, bytes]:
+            body = build_drumond_explanation(
+                served, fwd, model_ref(served).model_dump(), image_info(decoded, sha).model_dump(),
+                eid, top_classes, top_prototypes, s.familiarity_percentile,
+            )  # fmt: skip
+            checked = DrumondExplainResponse.model_validate(body).model_dump(mode="json")
+            return {"json": orjson.dumps(checked), "image": render.encode_jpeg(decoded.display)}
+
+        return await self.cache.put_first(eid, await self.run(fields)), False
+
     async def present(self, json_bytes: bytes, mode: HeatmapMode, root: str = "") -> bytes:
         """The stored JSON as the client asked: URLs (as stored), inline PNGs, or none;
         its links under ``root`` (the path prefix behind a proxy), which the cache does
-        not hold: one entry serves clients behind any prefix."""
-        if mode != "url":
+        not hold: one entry serves clients behind any prefix. A Drumond explanation has
+        no heatmaps: it is the same in every mode."""
+        if mode != "url" and not is_drumond(json_bytes):
             resp = ExplainResponse.model_validate_json(json_bytes)
             resp.heatmaps = mode
             if mode == "none":
@@ -535,9 +574,17 @@ class ExplanationService:
         return data
 
     # -- /predict ---------------------------------------------------------------------
-    async def predict(self, served: ServedModel, data: bytes, top_classes: int) -> PredictResponse:
+    async def predict(
+        self, served: ServedModel | ServedDrumond, data: bytes, top_classes: int
+    ) -> PredictResponse:
         decoded = await self.decode(served, data)
         fwd = await served.forward(ModelInput(decoded.tensor))
+        pct = self.settings.familiarity_percentile
+        familiarity = (
+            familiarity_answer(served, fwd.familiarity, pct)
+            if isinstance(served, ServedModel) and isinstance(fwd, ForwardResult)
+            else no_familiarity(pct)
+        )
         # The same classes, in the same order (ties to the lower index), as /explain's.
         top = top_indices(fwd.logits.numpy(), top_classes).tolist()
         probs = fwd.logits.softmax(0).tolist()
@@ -548,9 +595,7 @@ class ExplanationService:
             image=image_info(decoded, sha),
             prediction=Prediction(**scores[0]),
             top_classes=[ClassScore(**c) for c in scores],
-            familiarity=FamiliarityAnswer(
-                **familiarity_answer(served, fwd.familiarity, self.settings.familiarity_percentile)
-            ),
+            familiarity=FamiliarityAnswer(**familiarity),
         )
 
     # -- PNGs -------------------------------------------------------------------------
@@ -564,6 +609,12 @@ class ExplanationService:
         """The render blob and the display image (its own pixels, or the JPEG field)."""
         blob = await self.cache.get(eid, "render")
         if blob is None:
+            stored = await self.cache.get(eid, "json")
+            if stored is not None and is_drumond(stored):
+                raise NotFoundError(
+                    f"explanation {eid!r} is a Drumond model's: its prototypes are whole "
+                    "training images, so it has no heatmaps or boxes; see its report"
+                )
             raise self._missing(eid)
         rd = await self.run(render.unpack_render, blob)
         if rd.display is not None:

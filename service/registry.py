@@ -22,12 +22,13 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from model_store import LoadedModel, ModelStore
-from model_store.manifest import Manifest
+from model_store import LoadedModel, ModelStore, WrongKindError
+from model_store.manifest import AnyManifest, Manifest
 from protokit.devices import pick_device
 from protokit.threads import use_torch_threads
 from protopnet.config import Preprocessing
@@ -37,6 +38,9 @@ from protopnet.model import ProtoPNet
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
 from service.settings import Settings, usable_cores
+
+if TYPE_CHECKING:
+    from service.drumond import ServedDrumond
 
 log = logging.getLogger("service.registry")
 
@@ -277,7 +281,7 @@ class ModelRegistry:
 
     def __init__(self, store: ModelStore, settings: Settings, metrics: Metrics, runtime: Runtime):
         self.store, self.settings, self.metrics, self.runtime = store, settings, metrics, runtime
-        self._models: OrderedDict[str, ServedModel] = OrderedDict()
+        self._models: OrderedDict[str, ServedModel | ServedDrumond] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self.ready = False
         self.error: str | None = None  # the start-up failures, one line
@@ -293,7 +297,7 @@ class ModelRegistry:
         """Where each loaded model runs: "cpu" or "cuda:N"."""
         return {ref: str(m.device) for ref, m in self._models.items()}
 
-    def peek(self, name: str, version: str) -> ServedModel | None:
+    def peek(self, name: str, version: str) -> ServedModel | ServedDrumond | None:
         """The served model for an exact version if this replica has it loaded."""
         return self._models.get(f"{name}@{version}")
 
@@ -302,17 +306,33 @@ class ModelRegistry:
         from the store off the event loop; raises UnknownNameError listing the valid names."""
         return await asyncio.to_thread(self.store.resolve, ref or self.settings.default_model)
 
-    async def manifest(self, ref: str) -> tuple[Manifest, str | None]:
-        """A version's manifest, and its SHA-256 when this replica has it loaded: from the
-        loaded model, else read from the store (checked against manifest.sha256)."""
+    async def any_manifest(self, ref: str) -> tuple[AnyManifest, str | None]:
+        """A version's manifest (any kind), and its SHA-256 when this replica has it
+        loaded: from the loaded model, else read from the store (checked against
+        manifest.sha256)."""
         name, version = await self.resolve(ref)
         served = self.peek(name, version)
         if served is not None:
             return served.manifest, served.manifest_sha256
-        return await asyncio.to_thread(self.store.manifest, f"{name}@{version}"), None
+        return await asyncio.to_thread(self.store.any_manifest, f"{name}@{version}"), None
+
+    async def manifest(self, ref: str) -> tuple[Manifest, str | None]:
+        """``any_manifest`` for routes that need a ProtoPNet (WrongKindError otherwise)."""
+        m, sha = await self.any_manifest(ref)
+        if not isinstance(m, Manifest):
+            raise WrongKindError(f"{m.name}@{m.version}", m.kind, "protopnet")
+        return m, sha
 
     async def get(self, ref: str | None = None) -> ServedModel:
-        """The served model for a reference (default: the settings' default model)."""
+        """The served ProtoPNet for a reference (default: the settings' default model);
+        WrongKindError for another kind."""
+        served = await self.get_any(ref)
+        if not isinstance(served, ServedModel):
+            raise WrongKindError(served.ref, served.manifest.kind, "protopnet")
+        return served
+
+    async def get_any(self, ref: str | None = None) -> ServedModel | ServedDrumond:
+        """The served model of any kind for a reference (default: the settings' default)."""
         name, version = await self.resolve(ref)
         key = f"{name}@{version}"
         served = self._models.get(key)
@@ -336,12 +356,22 @@ class ModelRegistry:
                 self._failed.pop(key, None)
         return served
 
-    async def _load(self, key: str) -> ServedModel:
+    async def _load(self, key: str) -> ServedModel | ServedDrumond:
         t0 = time.perf_counter()
-        loaded = await asyncio.to_thread(self.store.load, key)
-        served = await asyncio.to_thread(
-            load_served, loaded, self.runtime, self.settings, self.metrics
-        )
+        manifest = await asyncio.to_thread(self.store.any_manifest, key)
+        served: ServedModel | ServedDrumond
+        if manifest.kind == "drumond":
+            from service.drumond import load_served_drumond  # it imports this module
+
+            drumond = await asyncio.to_thread(self.store.load_drumond, key)
+            served = await asyncio.to_thread(
+                load_served_drumond, drumond, self.runtime, self.settings, self.metrics
+            )
+        else:
+            loaded = await asyncio.to_thread(self.store.load, key)
+            served = await asyncio.to_thread(
+                load_served, loaded, self.runtime, self.settings, self.metrics
+            )
         try:
             warm = await served.warm_up(self.settings.max_batch)
         except BaseException:

@@ -15,7 +15,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from model_store.manifest import ClassMetrics, Interpretability, Metrics
 from model_store.store import ImageKind
 from service import render
-from service.schemas import ExplainResponse, FaithfulnessReceipt
+from service.schemas import DrumondExplainResponse, ExplainResponse, FaithfulnessReceipt
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE_ENV = Environment(
@@ -198,5 +198,61 @@ def render_report(
         test_accuracy=metrics.test_accuracy if metrics is not None else None,
         quality=interpretability,
         boxes_uri=data_uri(render.boxes_image(rd, image)),
+        created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+
+
+@dataclass
+class DrumondRow:
+    """One prototype a Drumond model matched, in words and pictures."""
+
+    prototype: int
+    q: float
+    strip_uri: str | None  # its nearest training images side by side
+    nearest_labels: str
+    neighbourhood: str  # e.g. "80% Coat, 20% Pullover"
+    images: int
+    weight: float  # its vote for the answered class
+
+
+def render_drumond_report(
+    resp: DrumondExplainResponse,
+    image: np.ndarray,
+    nearest_png: Callable[[int], bytes | None] | None,
+    metrics: Metrics | None = None,
+) -> str:
+    """HTML for a Drumond model's explanation; ``nearest_png(j)`` reads prototype j's
+    strip of nearest training images from the store (None: the version left it)."""
+    answered = resp.prediction.class_index
+    rows = []
+    for p in resp.prototypes:
+        png = nearest_png(p.prototype) if nearest_png is not None else None
+        strip = None
+        if png:
+            arr = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_COLOR)
+            strip = None if arr is None else data_uri(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB))
+        rows.append(
+            DrumondRow(
+                prototype=p.prototype,
+                q=p.q,
+                strip_uri=strip,
+                nearest_labels=", ".join(n.label for n in p.nearest),
+                neighbourhood=", ".join(
+                    f"{c.share * 100:.0f}% {c.label}" for c in p.neighbourhood[:3]
+                ),
+                images=p.neighbourhood_images,
+                weight=p.class_weights[answered].weight,
+            )
+        )
+    return TEMPLATE_ENV.get_template("drumond_report.html").render(
+        explanation_id=resp.id,
+        model=resp.model,
+        image=resp.image,
+        image_uri=data_uri(thumbnail(image, 2 * THUMB_SIDE)),
+        prediction=resp.prediction,
+        runner_up=resp.top_classes[1] if len(resp.top_classes) > 1 else None,
+        ambiguity=resp.ambiguity,
+        tested=class_record(metrics, answered),
+        rows=rows,
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )

@@ -217,6 +217,83 @@ class PredictResponse(BaseModel):
     familiarity: FamiliarityAnswer
 
 
+class ClassShare(BaseModel):
+    class_index: int
+    label: str
+    share: float = Field(description="between 0 and 1")
+
+
+class NearestImage(BaseModel):
+    image_id: str = Field(description="the training image's id in its dataset")
+    class_index: int
+    label: str
+
+
+class ClassScoreWeight(BaseModel):
+    class_index: int
+    label: str
+    weight: float
+
+
+class MatchedPrototype(BaseModel):
+    """A prototype a Drumond model matched: a neighbourhood of the embedding space, not
+    a class's own; what it says about each class is its class association."""
+
+    prototype: int
+    q: float = Field(description="the probability that the image falls in its neighbourhood")
+    class_weights: list[ClassScoreWeight] = Field(
+        description="its column of w: what matching it adds to each class's logit"
+    )
+    neighbourhood: list[ClassShare] = Field(
+        description="the classes of the training images whose most probable prototype it "
+        "is, largest share first"
+    )
+    neighbourhood_images: int = Field(description="training images in its neighbourhood")
+    nearest: list[NearestImage] = Field(description="its nearest training images, nearest first")
+    nearest_png: str | None = Field(description="those images side by side, from the store")
+
+
+class Ambiguity(BaseModel):
+    """Whether the matched neighbourhoods are split between classes."""
+
+    ambiguous: bool = Field(
+        description="true: the prototypes this image matched also hold many training "
+        "images of other classes, so the answer rests on a region the classes share"
+    )
+    answered_share: float = Field(
+        description="q-weighted share of the matched neighbourhoods' training images in "
+        "the answered class"
+    )
+    threshold: float = Field(description="ambiguous below this share")
+    other_class: ClassShare | None = Field(
+        description="the largest other class in those neighbourhoods"
+    )
+
+
+class DrumondLinks(BaseModel):
+    self: str
+    report: str
+
+
+class DrumondExplainResponse(BaseModel):
+    """A Drumond et al. soft-max prototype model's answer: the classes, the prototypes
+    (whole-image neighbourhoods) the image matched, and whether they are shared between
+    classes. It has no heatmaps: its prototypes are whole images, not parts."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    kind: Literal["drumond"] = "drumond"
+    id: str
+    model: ModelRef
+    image: ImageInfo
+    prediction: Prediction
+    top_classes: list[ClassScore]
+    prototypes: list[MatchedPrototype]
+    ambiguity: Ambiguity
+    familiarity: FamiliarityAnswer
+    links: DrumondLinks
+
+
 # -- models ---------------------------------------------------------------------------
 
 

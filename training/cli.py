@@ -180,6 +180,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = validate_config(apply_overrides(load_raw(path), args.overrides), str(path))
     else:
         cfg = load_config(args.config, args.overrides)
+    if cfg.model.kind == "drumond":
+        return _train_drumond(cfg, args)
     import torch
 
     # Without touching a GPU: each process takes its own in init_distributed, and
@@ -197,6 +199,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             manifest = export_run(trainer.run_dir)
             summary["published"] = f"{manifest.name}@{manifest.version}"
         _print(summary)
+    return 0
+
+
+def _train_drumond(cfg: Any, args: argparse.Namespace) -> int:
+    """``train`` for ``model.kind: drumond`` (one process; see training.drumond)."""
+    from training.drumond import DrumondTrainer, export_drumond
+
+    trainer = DrumondTrainer(cfg, args.run_dir, progress=not args.no_progress)
+    summary = trainer.run(resume=args.resume, max_units=args.max_units)
+    if args.export and "best" in summary:
+        manifest = export_drumond(trainer.run_dir)
+        summary["published"] = f"{manifest.name}@{manifest.version}"
+    _print(summary)
     return 0
 
 
@@ -302,9 +317,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from training.drumond import export_drumond, is_drumond_run
     from training.export import export_run
 
-    manifest = export_run(args.run_dir, args.checkpoint, args.name, args.store, args.alias)
+    manifest: Any
+    if is_drumond_run(args.run_dir, args.checkpoint or "best"):
+        manifest = export_drumond(
+            args.run_dir, args.checkpoint or "best", args.name, args.store, args.alias
+        )
+    else:
+        manifest = export_run(args.run_dir, args.checkpoint, args.name, args.store, args.alias)
     _print(
         {
             "published": f"{manifest.name}@{manifest.version}",

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from protopnet.backbones import get_backbone_spec
 from protopnet.config import Preprocessing, ProtoPNetConfig
+from protopnet.drumond import DrumondConfig
 from protopnet.errors import ProtoPNetError, UnknownNameError
 
 
@@ -93,9 +94,27 @@ class DataConfig(_Section):
         return self
 
 
-class ModelSection(_Section):
-    """The architecture (becomes ``ProtoPNetConfig``) and the input preprocessing."""
+class DrumondSection(_Section):
+    """``model.kind: drumond``: Drumond et al.'s soft-max prototypes on the trunk's pooled
+    embedding (``protopnet.drumond``). The head is fitted on the training split's
+    embeddings (k-means start, then full-batch Adam); with ``train_trunk`` the whole
+    network is then fine-tuned for ``train.epochs`` epochs (Adam, ``train.lr.
+    joint_features`` for the trunk)."""
 
+    num_prototypes: int | None = Field(default=None, ge=1)  # None: prototypes_per_class x K
+    penalty: Literal["l1", "l2"] = "l1"
+    alpha: float = Field(default=1e-3, ge=0)  # weight of the penalty on w
+    train_trunk: bool = False
+    head_steps: int = Field(default=300, ge=1)
+    head_lr: float = Field(default=0.05, gt=0)
+
+
+class ModelSection(_Section):
+    """The architecture (becomes ``ProtoPNetConfig``, or ``DrumondConfig`` for
+    ``kind: drumond``) and the input preprocessing."""
+
+    kind: Literal["protopnet", "drumond"] = "protopnet"
+    drumond: DrumondSection = DrumondSection()
     backbone: str = "small_cnn"
     weights: str | None = None  # None, "imagenet" or a local state_dict file
     prototypes_per_class: int = Field(default=10, ge=1)
@@ -130,6 +149,18 @@ class ModelSection(_Section):
             activation=self.activation,
             epsilon=self.epsilon,
             img_size=self.img_size,
+        )
+
+    def drumond_architecture(self, num_classes: int) -> DrumondConfig:
+        d = self.drumond
+        return DrumondConfig(
+            backbone=self.backbone,
+            num_classes=num_classes,
+            num_prototypes=d.num_prototypes or self.prototypes_per_class * num_classes,
+            img_size=self.img_size,
+            penalty=d.penalty,
+            alpha=d.alpha,
+            train_trunk=d.train_trunk,
         )
 
     def preprocessing(self) -> Preprocessing:

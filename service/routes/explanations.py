@@ -11,6 +11,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
 from protopnet.errors import ProtoPNetError
+from service import render
 from service.deps import (
     ApiKey,
     ExplanationsDep,
@@ -20,10 +21,11 @@ from service.deps import (
     root_of,
 )
 from service.errors import NotFoundError
-from service.explanations import ID_LENGTH, is_explanation_id
+from service.explanations import ID_LENGTH, is_drumond, is_explanation_id
 from service.render import png_size
-from service.report import REPORT_CSP, render_report
+from service.report import REPORT_CSP, render_drumond_report, render_report
 from service.schemas import (
+    DrumondExplainResponse,
     ExplainResponse,
     FaithfulnessReceipt,
     HeatmapMode,
@@ -130,6 +132,8 @@ async def get_report(
     the runner-up, the paper's rows: image part | where on the image | prototype | its
     training image | similarity | weight | points."""
     data = await svc.stored_json(_check_id(eid))
+    if is_drumond(data):
+        return await _drumond_report(eid, data, svc, registry)
     resp = ExplainResponse.model_validate_json(data)
     rd, image = await svc.render_data(eid)
     ref = f"{resp.model.name}@{resp.model.version}"
@@ -153,4 +157,25 @@ async def get_report(
     html = await svc.run(
         render_report, resp, rd, image, read, settings.report_rows, metrics, quality
     )
+    return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_CSP})
+
+
+async def _drumond_report(
+    eid: str, data: bytes, svc: ExplanationsDep, registry: RegistryDep
+) -> HTMLResponse:
+    """A Drumond model's report: the answer, the ambiguity banner, and per matched
+    prototype its chance, nearest training images and neighbourhood's classes."""
+    resp = DrumondExplainResponse.model_validate_json(data)
+    jpeg = await svc.cache.get(eid, "image")
+    if jpeg is None:
+        raise svc._missing(eid)
+    image = await svc.run(render.decode_jpeg, jpeg)
+    ref = f"{resp.model.name}@{resp.model.version}"
+    try:
+        m, _ = await registry.any_manifest(ref)
+        read = functools.partial(registry.store.nearest_image_bytes, m)
+        metrics = m.metrics
+    except ProtoPNetError:  # the version left the store: the report renders without them
+        read, metrics = None, None
+    html = await svc.run(render_drumond_report, resp, image, read, metrics)
     return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_CSP})

@@ -191,6 +191,27 @@ async def prototype_image(
     )
 
 
+@router.get(
+    "/{name}/prototypes/{j}/nearest.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "a PNG from the store"}},
+)
+async def nearest_images(
+    name: ModelPath, j: PrototypePath, registry: RegistryDep, settings: SettingsDep
+) -> Response:
+    """Prototype j's nearest training images (a Drumond model's) or patches (a
+    ProtoPNet's), side by side, as export drew them into the store."""
+    m, _ = await registry.any_manifest(name)
+    data = await asyncio.to_thread(registry.store.nearest_image_bytes, m, j)
+    if data is None:
+        raise NotFoundError(f"model {m.name}@{m.version} has no nearest images for prototype {j}")
+    return Response(
+        data,
+        media_type="image/png",
+        headers={"Cache-Control": f"public, max-age={settings.cache_ttl_s}"},
+    )
+
+
 # -- changing the store (admin keys) ----------------------------------------------------
 
 AliasPath = Annotated[str, Path(description="the alias to point, e.g. production")]

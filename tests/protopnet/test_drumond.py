@@ -140,3 +140,21 @@ def test_a_frozen_trunk_gets_no_gradient_a_fine_tuned_one_does() -> None:
         grads = [p.grad for p in net.features.parameters()]
         assert all(g is None for g in grads) is (not train_trunk)
         assert net.head.prototypes.grad is not None
+
+
+def test_matched_prototypes_are_the_fewest_to_the_mass_and_ambiguity_weighs_neighbourhoods() -> (
+    None
+):
+    import numpy as np
+
+    from protopnet.drumond import matched_prototypes, neighbourhood_share
+
+    q = np.array([0.05, 0.5, 0.3, 0.15])
+    shares = np.array([[1.0, 0.0], [1.0, 0.0], [0.2, 0.8], [0.0, 0.0]])  # last: empty
+    matched = matched_prototypes(q, shares, limit=10, mass=0.9)
+    assert [m.index for m in matched] == [1, 2, 3]  # 0.5 + 0.3 < 0.9, + 0.15 >= 0.9
+    assert [m.index for m in matched_prototypes(q, shares, limit=2)] == [1, 2]
+    assert [m.index for m in matched_prototypes(q, shares, limit=10, mass=0.5)] == [1]
+    # The empty neighbourhood carries no weight: (0.5 * 1 + 0.3 * 0.2) / (0.5 + 0.3).
+    assert neighbourhood_share(matched, 0) == pytest.approx(0.56 / 0.8)
+    assert neighbourhood_share(matched, 1) == pytest.approx(0.24 / 0.8)
