@@ -54,11 +54,18 @@ def cmd_show(store: ModelStore, args: argparse.Namespace) -> int:
     metrics = {k: v for k, v in info["metrics"].items() if v is not None}
     print(f"{info['ref']}  aliases: {', '.join(info['aliases']) or '-'}")
     print(f"  created      {info['created_at']}  ({info['source']}, code {info['code_version']})")
-    print(
-        f"  architecture {arch['backbone']}, {arch['add_on']} add-on, D={arch['prototype_depth']}"
-        f", prototype {arch['prototype_size'][0]}x{arch['prototype_size'][1]}, "
-        f"{arch['activation']} activation, {arch['img_size']} px"
-    )
+    if info["kind"] == "drumond":
+        print(
+            f"  architecture Drumond soft-max prototypes on {arch['backbone']} "
+            f"({'fine-tuned' if arch['train_trunk'] else 'frozen'}), "
+            f"{arch['penalty'].upper()} alpha={arch['alpha']:g}, {arch['img_size']} px"
+        )
+    else:
+        print(
+            f"  architecture {arch['backbone']}, {arch['add_on']} add-on, "
+            f"D={arch['prototype_depth']}, prototype {arch['prototype_size'][0]}x"
+            f"{arch['prototype_size'][1]}, {arch['activation']} activation, {arch['img_size']} px"
+        )
     classes = info["class_names"]
     shown = ", ".join(classes[:8]) + (" ..." if len(classes) > 8 else "")
     print(f"  classes      {info['num_classes']}: {shown}")

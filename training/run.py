@@ -115,6 +115,11 @@ class LoadedCheckpoint:
 
 def read_checkpoint(run_dir: Path, tag: str) -> LoadedCheckpoint:
     tensors, meta = load_checkpoint(Path(run_dir) / "checkpoints", tag)
+    if meta.get("kind") == "drumond":
+        raise RunError(
+            f"{run_dir} holds a Drumond model (model.kind: drumond): evaluate, push and prune "
+            "apply to ProtoPNet runs; `python -m training export` publishes it"
+        )
     arch = ProtoPNetConfig.model_validate(meta["architecture"])
     model = model_from_tensors(arch, tensors)
     push = meta.get("push")

@@ -80,11 +80,20 @@ def test_export_neighbourhoods_and_nearest_images_match_brute_force(tmp_path: Pa
         assert torch.allclose(loaded.model.head(x)[0], trainer.model.head(x)[0], atol=1e-6)
 
 
-def test_the_store_keeps_kinds_apart_and_verifies_drumond_versions(tmp_path: Path) -> None:
+def test_the_store_keeps_kinds_apart_and_verifies_drumond_versions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model_store.cli import main as store_cli
+    from training.cli import main as training_cli
+
     cfg = load_config("synthetic", ["model.kind=drumond"])
     DrumondTrainer(cfg, tmp_path / "run", progress=False).run()
     store = ModelStore(tmp_path / "store")
     export_drumond(tmp_path / "run", store_root=store.root)
+    assert store_cli(["--root", str(store.root), "show", "parts@1"]) == 0
+    assert "Drumond soft-max prototypes on tiny_cnn (frozen)" in capsys.readouterr().out
+    assert training_cli(["evaluate", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "holds a Drumond model" in capsys.readouterr().err
     with pytest.raises(WrongKindError, match="parts@1 is a drumond model"):
         store.load("parts@1")
     with pytest.raises(WrongKindError):
