@@ -358,12 +358,12 @@ def export_drumond(
         records.append(
             DrumondPrototype(
                 index=j,
-                class_weights=[round(float(v), 6) for v in w[j]],
+                class_weights=[float(v) for v in w[j]],
                 matched_images=int(counts[j].sum()),
                 matched_classes=counts[j].tolist(),
                 nearest_image_ids=[sample.image_id(i) for i in idx],
                 nearest_classes=[int(sample.labels[i]) for i in idx],
-                nearest_distances=[round(float(v), 4) for v in near_d[j]],
+                nearest_distances=[float(v) for v in near_d[j]],
             )
         )
     metrics: dict[str, Any] = {
