@@ -277,6 +277,15 @@ def _protopnet(manifest: AnyManifest) -> Manifest:
     return manifest
 
 
+def _plain_json(training_config: dict[str, Any] | None) -> dict[str, Any]:
+    config = dict(training_config or {})
+    try:
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PublishError(f"training_config must be plain JSON data: {exc}") from None
+    return config
+
+
 def _write_weights(tmp: Path, model: torch.nn.Module) -> str:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return _write(tmp / WEIGHTS, save_safetensors(state, metadata={"format": "pt"}))
@@ -607,9 +616,7 @@ class ModelStore:
                     f"invalid version name {version!r}: write numbers without leading zeros "
                     f"({int(version)})"
                 )
-        alias_list = list(dict.fromkeys(aliases))
-        for a in alias_list:
-            self._check_alias_name(a)
+        alias_list = self._checked_aliases(aliases)
         if version is not None and version in alias_list:
             raise InvalidNameError(f"version {version!r} cannot also be one of its aliases")
         visuals = dict(visuals or {})
@@ -623,11 +630,7 @@ class ModelStore:
             )
         if isinstance(metrics, dict):
             metrics = Metrics.model_validate(metrics)
-        training_config = dict(training_config or {})
-        try:
-            json.dumps(training_config, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise PublishError(f"training_config must be plain JSON data: {exc}") from None
+        training_config = _plain_json(training_config)
 
         records = [
             r.model_copy(update={"has_images": r.index in visuals}) for r in prototypes
@@ -694,9 +697,7 @@ class ModelStore:
         """Write a new version of a Drumond model (``protopnet.drumond``): its weights and
         each prototype's strip of nearest training images (``nearest``: j -> RGB)."""
         check_name("model", name)
-        alias_list = list(dict.fromkeys(aliases))
-        for a in alias_list:
-            self._check_alias_name(a)
+        alias_list = self._checked_aliases(aliases)
         config = model.config
         if config is None:
             raise PublishError("the model has no DrumondConfig: build it with create_drumond")
@@ -713,6 +714,7 @@ class ModelStore:
                 f"preprocessing img_size {preprocessing.img_size} differs from the "
                 f"architecture's img_size {config.img_size}"
             )
+        plain_config = _plain_json(training_config)
         strips = {j: _check_image(j, NEAREST, a) for j, a in (nearest or {}).items()}
         records = [p.model_copy(update={"has_images": p.index in strips}) for p in prototypes]
         if isinstance(metrics, dict):
@@ -734,7 +736,7 @@ class ModelStore:
                 preprocessing=preprocessing,
                 class_names=list(class_names),
                 prototypes=records,
-                training_config=dict(training_config or {}),
+                training_config=plain_config,
                 metrics=metrics or Metrics(),
                 code_version=code_version(),
                 embedded_images=embedded_images,
@@ -808,6 +810,14 @@ class ModelStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return manifest
+
+    @classmethod
+    def _checked_aliases(cls, aliases: Sequence[str]) -> builtins.list[str]:
+        """``aliases`` without repeats, each a valid alias name."""
+        alias_list = list(dict.fromkeys(aliases))
+        for a in alias_list:
+            cls._check_alias_name(a)
+        return alias_list
 
     @staticmethod
     def _check_alias_name(alias: str) -> None:

@@ -164,13 +164,12 @@ def matched_prototypes(
     return out
 
 
-def neighbourhood_share(matched: list[MatchedPrototype], label: int) -> float:
-    """The q-weighted share of the matched neighbourhoods' training images in class
-    ``label``: 1.0 when every matched prototype only ever matched that class."""
-    weight = sum(m.q for m in matched if m.class_shares.sum() > 0)
-    if weight == 0:
-        return 0.0
-    return sum(m.q * float(m.class_shares[label]) for m in matched) / weight
+def neighbourhood_classes(matched: list[MatchedPrototype]) -> np.ndarray:
+    """(K,) the q-weighted shares of the matched neighbourhoods' training images per
+    class (empty neighbourhoods weigh nothing; all zero when every one is empty)."""
+    pooled = sum((m.q * m.class_shares for m in matched), np.zeros_like(matched[0].class_shares))
+    total = float(pooled.sum())
+    return pooled / total if total > 0 else pooled
 
 
 def kmeans_prototypes(embeddings: torch.Tensor, num_prototypes: int, seed: int = 0) -> torch.Tensor:

@@ -11,26 +11,23 @@ thread, the same cache; only the forward and the answer differ.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from model_store import DrumondManifest, LoadedDrumond
-from protokit.threads import use_torch_threads
-from protopnet.config import Preprocessing
 from protopnet.drumond import (
     AMBIGUOUS_BELOW,
     DrumondNet,
     matched_prototypes,
-    neighbourhood_share,
+    neighbourhood_classes,
 )
 from protopnet.explain import top_indices
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
-from service.registry import ModelInput, Runtime
+from service.registry import ModelInput, Runtime, Served, model_batcher
 from service.settings import Settings
 
 NO_FAMILIARITY = (
@@ -58,7 +55,7 @@ def forward_drumond(
 
 
 @dataclass(frozen=True)
-class ServedDrumond:
+class ServedDrumond(Served[DrumondForward]):
     """A loaded Drumond version, ready to serve (built once by ``load_served_drumond``)."""
 
     manifest: DrumondManifest
@@ -67,51 +64,12 @@ class ServedDrumond:
     batcher: MicroBatcher[ModelInput, DrumondForward]
     runtime: Runtime
     metrics: Metrics
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
-
-    @property
-    def ref(self) -> str:
-        return f"{self.manifest.name}@{self.manifest.version}"
-
-    @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self.manifest.preprocessing
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.manifest.class_names
+    explains: ClassVar[bool] = False  # its answers are made from the logits and q alone
 
     @functools.cached_property
     def class_shares(self) -> np.ndarray:
         """(J, K): each prototype's neighbourhood, as shares of its training images."""
         return np.array([p.class_shares for p in self.manifest.prototypes], dtype=np.float64)
-
-    async def forward(self, request: ModelInput) -> DrumondForward:
-        self.metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
-        return await self.batcher.submit(request)
-
-    async def warm_up(self, max_batch: int) -> float:
-        t0 = time.perf_counter()
-        S = self.preprocessing.img_size
-        for b in sorted({1, min(2, max_batch), max_batch}):
-            inputs = [ModelInput(torch.zeros(3, S, S)) for _ in range(b)]
-            await self.batcher.on_thread(functools.partial(self.batcher.run_batch, inputs))
-        self.batcher.start()
-        return time.perf_counter() - t0
-
-    async def close(self, timeout_s: float) -> None:
-        await self.batcher.close(timeout_s)
 
 
 def load_served_drumond(
@@ -119,22 +77,8 @@ def load_served_drumond(
 ) -> ServedDrumond:
     model = loaded.model.to(runtime.device).eval()
     model.to(memory_format=runtime.memory_format)
-    ref = loaded.ref
-
-    def on_batch(n: int, dt: float) -> None:
-        metrics.batch_size.labels(ref).observe(n)
-        metrics.forward.labels(ref).observe(dt)
-        metrics.queue_depth.labels(ref).set(batcher.depth)
-
-    batcher: MicroBatcher[ModelInput, DrumondForward] = MicroBatcher(
-        ref,
-        functools.partial(forward_drumond, model, runtime),
-        max_batch=settings.max_batch,
-        max_wait_s=settings.max_wait_ms / 1000,
-        max_queue=settings.max_queue,
-        on_batch=on_batch,
-        on_wait=lambda s: metrics.queue_wait.labels(ref).observe(s),
-        thread_init=lambda: use_torch_threads(runtime.torch_threads),
+    batcher = model_batcher(
+        loaded.ref, functools.partial(forward_drumond, model, runtime), runtime, settings, metrics
     )
     return ServedDrumond(
         manifest=loaded.manifest,
@@ -146,13 +90,6 @@ def load_served_drumond(
     )
 
 
-def no_familiarity(percentile: float) -> dict[str, Any]:
-    return {
-        "familiar": None, "score": None, "percentile": None,
-        "threshold_percentile": percentile, "method": None, "reason": NO_FAMILIARITY,
-    }  # fmt: skip
-
-
 def build_drumond_explanation(
     served: ServedDrumond,
     fwd: DrumondForward,
@@ -161,7 +98,7 @@ def build_drumond_explanation(
     eid: str,
     top_classes: int,
     top_prototypes: int,
-    familiarity_percentile: float,
+    familiarity: dict[str, Any],
 ) -> dict[str, Any]:
     """The ``DrumondExplainResponse`` as a plain dict (links without the proxy prefix)."""
     names = served.class_names
@@ -202,11 +139,11 @@ def build_drumond_explanation(
                 "nearest_png": f"{base}/{m.index}/nearest.png" if rec.has_images else None,
             }
         )
-    share = neighbourhood_share(matched, answered)
-    pooled = sum(m.q * m.class_shares for m in matched)
-    others = [k for k in np.argsort(-np.asarray(pooled), kind="stable").tolist() if k != answered]
-    other = others[0] if others and float(np.asarray(pooled)[others[0]]) > 0 else None
-    weight = sum(m.q for m in matched if m.class_shares.sum() > 0)
+    pooled = neighbourhood_classes(matched)
+    share = float(pooled[answered])
+    rest = pooled.copy()
+    rest[answered] = -1.0
+    other = int(rest.argmax()) if rest.max() > 0 else None
     return {
         "kind": "drumond",
         "id": eid,
@@ -224,9 +161,9 @@ def build_drumond_explanation(
             else {
                 "class_index": other,
                 "label": names[other],
-                "share": float(np.asarray(pooled)[other]) / weight if weight else 0.0,
+                "share": float(pooled[other]),
             },
         },
-        "familiarity": no_familiarity(familiarity_percentile),
+        "familiarity": familiarity,
         "links": {"self": f"/explanations/{eid}", "report": f"/explanations/{eid}/report"},
     }

@@ -32,11 +32,7 @@ from protopnet.preprocess import input_region
 from protopnet.prp import PRP
 from service import render
 from service.cache import ExplanationCache
-from service.drumond import (
-    ServedDrumond,
-    build_drumond_explanation,
-    no_familiarity,
-)
+from service.drumond import NO_FAMILIARITY, ServedDrumond, build_drumond_explanation
 from service.errors import NotFoundError
 from service.images import DecodedImage, decode_opened, is_small, open_image, sha256_hex
 from service.metrics import Metrics
@@ -121,14 +117,19 @@ NO_CALIBRATION = (
 )
 
 
+def unknown_familiarity(percentile: float, reason: str) -> dict:
+    """A ``FamiliarityAnswer`` that cannot say (``familiar`` null), with the reason."""
+    return {
+        "familiar": None, "score": None, "percentile": None,
+        "threshold_percentile": percentile, "method": None, "reason": reason,
+    }  # fmt: skip
+
+
 def familiarity_answer(served: ServedModel, score: float | None, percentile: float) -> dict:
     """The answer's ``FamiliarityAnswer`` as a plain dict; counts unfamiliar answers."""
     fam, threshold = served.familiarity, served.familiarity_threshold
     if fam is None or score is None or threshold is None:
-        return {
-            "familiar": None, "score": None, "percentile": None,
-            "threshold_percentile": percentile, "method": None, "reason": NO_CALIBRATION,
-        }  # fmt: skip
+        return unknown_familiarity(percentile, NO_CALIBRATION)
     familiar = score >= threshold
     if not familiar:
         served.metrics.unfamiliar.labels(served.ref).inc()
@@ -539,7 +540,8 @@ class ExplanationService:
         def fields() -> dict[str, bytes]:
             body = build_drumond_explanation(
                 served, fwd, model_ref(served).model_dump(), image_info(decoded, sha).model_dump(),
-                eid, top_classes, top_prototypes, s.familiarity_percentile,
+                eid, top_classes, top_prototypes,
+                unknown_familiarity(s.familiarity_percentile, NO_FAMILIARITY),
             )  # fmt: skip
             checked = DrumondExplainResponse.model_validate(body).model_dump(mode="json")
             return {"json": orjson.dumps(checked), "image": render.encode_jpeg(decoded.display)}
@@ -583,7 +585,7 @@ class ExplanationService:
         familiarity = (
             familiarity_answer(served, fwd.familiarity, pct)
             if isinstance(served, ServedModel) and isinstance(fwd, ForwardResult)
-            else no_familiarity(pct)
+            else unknown_familiarity(pct, NO_FAMILIARITY)
         )
         # The same classes, in the same order (ties to the lower index), as /explain's.
         top = top_indices(fwd.logits.numpy(), top_classes).tolist()

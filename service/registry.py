@@ -21,14 +21,15 @@ import gc
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from model_store import LoadedModel, ModelStore, WrongKindError
-from model_store.manifest import AnyManifest, Manifest
+from model_store.manifest import AnyManifest, Manifest, ManifestBase
 from protokit.devices import pick_device
 from protokit.threads import use_torch_threads
 from protopnet.config import Preprocessing
@@ -149,20 +150,20 @@ def forward_batch(
     return [ForwardResult(logits[b], by_row.get(b), familiarity=fam[b]) for b in range(B)]
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    """A loaded version, ready to serve: its model on the runtime's device, explainer,
-    batcher and metadata. Built once by ``load_served``; nothing in it changes after."""
+R = TypeVar("R")
 
-    manifest: Manifest
+
+class Served(Generic[R]):
+    """What every served model kind has: its version, its batcher on its own model
+    thread, the runtime. ``ServedModel`` (ProtoPNet) and ``service.drumond.ServedDrumond``
+    are frozen dataclasses with these fields."""
+
+    manifest: ManifestBase
     manifest_sha256: str
-    model: ProtoPNet
-    explainer: PrototypeExplainer
-    batcher: MicroBatcher[ModelInput, ForwardResult]
+    batcher: MicroBatcher[ModelInput, R]
     runtime: Runtime
     metrics: Metrics
-    familiarity: Familiarity | None  # None: the version was published uncalibrated
-    familiarity_threshold: float | None  # scores below it are unfamiliar
+    explains: ClassVar[bool]  # whether the warm-up batches ask for explanations
 
     @property
     def name(self) -> str:
@@ -187,6 +188,71 @@ class ServedModel:
     @property
     def class_names(self) -> list[str]:
         return self.manifest.class_names
+
+    async def forward(self, request: ModelInput) -> R:
+        """One image through the batcher."""
+        self.metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
+        return await self.batcher.submit(request)
+
+    async def warm_up(self, max_batch: int) -> float:
+        """Run batches of 1, 2 and the max size once (with explanations where the kind
+        makes them), so the first request is not slow, then start taking requests."""
+        t0 = time.perf_counter()
+        S = self.preprocessing.img_size
+        size = (S, S) if self.explains else None
+        for b in sorted({1, min(2, max_batch), max_batch}):
+            inputs = [ModelInput(torch.zeros(3, S, S), size) for _ in range(b)]
+            await self.batcher.on_thread(functools.partial(self.batcher.run_batch, inputs))
+        self.batcher.start()
+        return time.perf_counter() - t0
+
+    async def close(self, timeout_s: float) -> None:
+        await self.batcher.close(timeout_s)
+
+
+def model_batcher(
+    ref: str,
+    run_batch: Callable[[list[ModelInput]], list[R]],
+    runtime: Runtime,
+    settings: Settings,
+    metrics: Metrics,
+) -> MicroBatcher[ModelInput, R]:
+    """A model's micro-batcher with the settings' limits, reporting to ``metrics``."""
+
+    def on_batch(n: int, dt: float) -> None:
+        metrics.batch_size.labels(ref).observe(n)
+        metrics.forward.labels(ref).observe(dt)
+        metrics.queue_depth.labels(ref).set(batcher.depth)
+
+    batcher: MicroBatcher[ModelInput, R] = MicroBatcher(
+        ref,
+        run_batch,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        on_batch=on_batch,
+        on_wait=lambda s: metrics.queue_wait.labels(ref).observe(s),
+        thread_init=lambda: use_torch_threads(runtime.torch_threads),
+    )
+    return batcher
+
+
+@dataclass(frozen=True)
+class ServedModel(Served[ForwardResult]):
+    """A loaded ProtoPNet version, ready to serve: its model on the runtime's device,
+    explainer, batcher and metadata. Built once by ``load_served``; nothing in it changes
+    after."""
+
+    manifest: Manifest
+    manifest_sha256: str
+    model: ProtoPNet
+    explainer: PrototypeExplainer
+    batcher: MicroBatcher[ModelInput, ForwardResult]
+    runtime: Runtime
+    metrics: Metrics
+    familiarity: Familiarity | None  # None: the version was published uncalibrated
+    familiarity_threshold: float | None  # scores below it are unfamiliar
+    explains: ClassVar[bool] = True
 
     @functools.cached_property
     def prototype_classes(self) -> list[int]:
@@ -213,25 +279,6 @@ class ServedModel:
             request.top_prototypes,
         )[0]
 
-    async def forward(self, request: ModelInput) -> ForwardResult:
-        """One image through the batcher."""
-        self.metrics.queue_depth.labels(self.ref).set(self.batcher.depth + 1)
-        return await self.batcher.submit(request)
-
-    async def warm_up(self, max_batch: int) -> float:
-        """Run batches of 1, 2 and the max size with explanations once, so the first
-        request is not slow, then start taking requests."""
-        t0 = time.perf_counter()
-        S = self.preprocessing.img_size
-        for b in sorted({1, min(2, max_batch), max_batch}):
-            inputs = [ModelInput(torch.zeros(3, S, S), (S, S)) for _ in range(b)]
-            await self.batcher.on_thread(functools.partial(self.batcher.run_batch, inputs))
-        self.batcher.start()
-        return time.perf_counter() - t0
-
-    async def close(self, timeout_s: float) -> None:
-        await self.batcher.close(timeout_s)
-
 
 def load_served(
     loaded: LoadedModel, runtime: Runtime, settings: Settings, metrics: Metrics
@@ -246,20 +293,12 @@ def load_served(
     familiarity = loaded.familiarity()
     scorer = None if familiarity is None else familiarity.scorer(runtime.device)
 
-    def on_batch(n: int, dt: float) -> None:
-        metrics.batch_size.labels(ref).observe(n)
-        metrics.forward.labels(ref).observe(dt)
-        metrics.queue_depth.labels(ref).set(batcher.depth)
-
-    batcher: MicroBatcher[ModelInput, ForwardResult] = MicroBatcher(
+    batcher = model_batcher(
         ref,
         functools.partial(forward_batch, model, explainer, scorer, runtime),
-        max_batch=settings.max_batch,
-        max_wait_s=settings.max_wait_ms / 1000,
-        max_queue=settings.max_queue,
-        on_batch=on_batch,
-        on_wait=lambda s: metrics.queue_wait.labels(ref).observe(s),
-        thread_init=lambda: use_torch_threads(runtime.torch_threads),
+        runtime,
+        settings,
+        metrics,
     )
     return ServedModel(
         manifest=loaded.manifest,

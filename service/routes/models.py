@@ -166,6 +166,13 @@ async def list_prototypes(
     return PrototypeList(name=m.name, version=m.version, prototypes=out)
 
 
+def _store_png(data: bytes, ttl_s: int) -> Response:
+    # A published version's pictures never change; anyone may keep them a while.
+    return Response(
+        data, media_type="image/png", headers={"Cache-Control": f"public, max-age={ttl_s}"}
+    )
+
+
 @router.get(
     "/{name}/prototypes/{j}.png",
     response_class=Response,
@@ -184,11 +191,7 @@ async def prototype_image(
     data = await asyncio.to_thread(registry.store.prototype_image_bytes, m, j, kind)
     if data is None:
         raise NotFoundError(f"model {m.name}@{m.version} has no {kind} image for prototype {j}")
-    return Response(
-        data,
-        media_type="image/png",
-        headers={"Cache-Control": f"public, max-age={settings.cache_ttl_s}"},
-    )
+    return _store_png(data, settings.cache_ttl_s)
 
 
 @router.get(
@@ -205,11 +208,7 @@ async def nearest_images(
     data = await asyncio.to_thread(registry.store.nearest_image_bytes, m, j)
     if data is None:
         raise NotFoundError(f"model {m.name}@{m.version} has no nearest images for prototype {j}")
-    return Response(
-        data,
-        media_type="image/png",
-        headers={"Cache-Control": f"public, max-age={settings.cache_ttl_s}"},
-    )
+    return _store_png(data, settings.cache_ttl_s)
 
 
 # -- changing the store (admin keys) ----------------------------------------------------

@@ -147,7 +147,7 @@ def test_matched_prototypes_are_the_fewest_to_the_mass_and_ambiguity_weighs_neig
 ):
     import numpy as np
 
-    from protopnet.drumond import matched_prototypes, neighbourhood_share
+    from protopnet.drumond import matched_prototypes, neighbourhood_classes
 
     q = np.array([0.05, 0.5, 0.3, 0.15])
     shares = np.array([[1.0, 0.0], [1.0, 0.0], [0.2, 0.8], [0.0, 0.0]])  # last: empty
@@ -156,5 +156,6 @@ def test_matched_prototypes_are_the_fewest_to_the_mass_and_ambiguity_weighs_neig
     assert [m.index for m in matched_prototypes(q, shares, limit=2)] == [1, 2]
     assert [m.index for m in matched_prototypes(q, shares, limit=10, mass=0.5)] == [1]
     # The empty neighbourhood carries no weight: (0.5 * 1 + 0.3 * 0.2) / (0.5 + 0.3).
-    assert neighbourhood_share(matched, 0) == pytest.approx(0.56 / 0.8)
-    assert neighbourhood_share(matched, 1) == pytest.approx(0.24 / 0.8)
+    assert neighbourhood_classes(matched).tolist() == pytest.approx([0.56 / 0.8, 0.24 / 0.8])
+    empty = matched_prototypes(np.array([1.0]), np.zeros((1, 2)), limit=1)
+    assert neighbourhood_classes(empty).tolist() == [0.0, 0.0]
