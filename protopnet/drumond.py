@@ -166,7 +166,8 @@ def matched_prototypes(
 
 def neighbourhood_classes(matched: list[MatchedPrototype]) -> np.ndarray:
     """(K,) the q-weighted shares of the matched neighbourhoods' training images per
-    class (empty neighbourhoods weigh nothing; all zero when every one is empty)."""
+    class (empty neighbourhoods weigh nothing; all zero when every one is empty).
+    ``matched`` is never empty: ``matched_prototypes`` keeps at least one for limit >= 1."""
     pooled = sum((m.q * m.class_shares for m in matched), np.zeros_like(matched[0].class_shares))
     total = float(pooled.sum())
     return pooled / total if total > 0 else pooled
